@@ -1,0 +1,234 @@
+"""The `apt-dist` command: render, plan, bench.
+
+Every RenderConfig field is an option (`--field-name`), except guidance_scale, which
+is `--guidance`. Bad input exits with code 2 and one line naming the option, before
+any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from .config import ConfigError, RenderConfig, parse_eta
+
+OPTION_NAMES = {"guidance_scale": "--guidance"}
+HELP = {
+    "prompt": "what to render",
+    "negative_prompt": "what to avoid (empty: SDXL's zero embedding)",
+    "width": "output width in pixels, a multiple of 8",
+    "height": "output height in pixels, a multiple of 8",
+    "seed": "render seed: every random draw comes from it",
+    "model": "tiny (built in, random weights) | sdxl-random | hub id | diffusers folder | .safetensors file",
+    "dtype": "UNet dtype: auto (float16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16",
+    "device": "auto | cpu | cuda | cuda:N (in-process executor)",
+    "method": "apt (default) | demofusion: presets for the three APT parts below",
+    "scheduler": "euler | ddim (leading spacing)",
+    "steps": "denoising steps N of the schedule",
+    "guidance_scale": "classifier-free guidance scale",
+    "statistical_matching": "APT Statistical Matching of dilated sub-lattices (default: on for apt)",
+    "sm_stats": "Statistical Matching statistics: channel | global",
+    "scale_aware_scheduling": "APT Scale-aware Scheduling (default: on for apt)",
+    "eta": "SaS eta per phase, 'PHASE:ETA,...' (default 2:2.0,3:3.0,4:3.5; later phases keep the last)",
+    "shortcut_steps": "T0: steps run in each upscaling phase (default: 30 for apt, all for demofusion)",
+    "cosine_scale_1": "DemoFusion skip-residual cosine scale",
+    "cosine_scale_2": "DemoFusion local/dilated fusion cosine scale",
+    "cosine_scale_3": "DemoFusion blur cosine scale",
+    "sigma": "Gaussian blur sigma of the dilated branch",
+    "stride": "local window stride in latents (default: native window / 2)",
+    "jitter": "jitter the local windows every step",
+    "anchor_renorm": "renormalise each phase to the reference latent's statistics",
+    "view_batch_size": "patches per UNet call",
+    "split_guidance": "run the two guidance branches as separate UNet calls (finer load balance)",
+    "decode_tile": "VAE decode tile in latents (default: native window)",
+    "decode_overlap": "VAE decode tile overlap in latents (default: tile / 4)",
+    "save_phases": "also write each phase's image beside the output",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(RenderConfig)
+    for f in dataclasses.fields(RenderConfig):
+        opt = OPTION_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        hint = hints[f.name]
+        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": HELP.get(f.name)}
+        if f.name == "eta":
+            p.add_argument(opt, type=parse_eta, **kw)
+        elif hint in (bool, bool | None):
+            p.add_argument(opt, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            base = next(a for a in typing.get_args(hint) if a is not type(None)) if typing.get_args(hint) else hint
+            p.add_argument(opt, type=base, **kw)
+
+
+def config_from_args(ns: argparse.Namespace) -> RenderConfig:
+    names = {f.name for f in dataclasses.fields(RenderConfig)}
+    return RenderConfig(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="apt-dist", description="APT high-resolution rendering (DemoFusion + APT on SDXL), on one GPU or many.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("render", help="render an image")
+    _add_config_options(r)
+    r.add_argument("--out", default="apt-dist.png", help="output PNG path (written atomically)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = r.add_argument_group("distributed (Ray)")
+    g.add_argument("--workers", type=int, default=None, help="render on N Ray workers, one UNet replica each")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster to join: auto | HOST:PORT (default: a local Ray instance, or the cluster of a Ray job)")
+    g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker, fractions allowed (default: 1 if the cluster has GPUs, else 0)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker")
+    g.add_argument("--placement-strategy", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                   help="how the placement group spreads workers over nodes")
+    g.add_argument("--placement-timeout", type=float, default=120.0, help="seconds to wait for the cluster to provide every worker")
+    g.add_argument("--max-restarts", type=int, default=2, help="times Ray may restart a dead worker")
+
+    pl = sub.add_parser("plan", help="print the plan of a render (phases, patches, UNet evaluations); loads no model")
+    _add_config_options(pl)
+    pl.add_argument("--json", action="store_true", help="print JSON")
+    pl.add_argument("--workers", type=int, default=None, help="also estimate wall time on this many workers")
+    pl.add_argument("--seconds-per-patch", type=float, default=0.035, help="UNet time per patch with guidance (H100 SDXL: ~0.035)")
+
+    b = sub.add_parser("bench", help="benchmarks; prints tables")
+    b.add_argument("what", choices=["phases"], help="phases: per-phase time, patch evaluations and driver share with tiny")
+    _add_config_options(b)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(ns).validate()
+        if ns.command == "render":
+            return _render(config, ns)
+        if ns.command == "plan":
+            return _plan(config, ns)
+        if ns.command == "bench":
+            from .bench import bench_phases
+
+            return bench_phases(config)
+    except ConfigError as e:
+        print(f"apt-dist {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _render(config: RenderConfig, ns) -> int:
+    from .outputs import check_output_path
+
+    problem = check_output_path(ns.out)
+    if problem:
+        raise ConfigError("--out", problem)
+
+    executor = _executor_from_args(ns)
+
+    from .models import ModelSpec, model_info
+    from .plan import build_plan
+    from .sampler import RenderError, render
+
+    info = model_info(ModelSpec(config.model, config.dtype, config.device))
+    build_plan(config, info.native_window, info.vae_scale)  # model-dependent checks, still before any weights
+    try:
+        result = render(config, executor=executor, progress=not ns.no_progress)
+    except RenderError as e:
+        print(f"apt-dist render: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        from .ray_executor import ClusterError
+
+        if isinstance(e, ClusterError):
+            print(f"apt-dist render: error: {e}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        if executor is not None:
+            executor.close()
+    from .outputs import write_result
+
+    paths = write_result(result, ns.out)
+    print(
+        f"done in {result.seconds:.1f} s: {len(result.phases)} phases to {config.width}x{config.height}, "
+        f"{result.patch_evals} UNet patch evaluations (x2 guidance branches), wrote {paths[0]}"
+        + (f" and {len(paths) - 1} phase images" if len(paths) > 1 else "")
+    )
+    _print_workers(result.executor_summary)
+    return 0
+
+
+def _executor_from_args(ns):
+    """A RayExecutor when --workers or --address is given, else None (in-process)."""
+    if ns.workers is None and ns.address is None:
+        return None
+    workers = 1 if ns.workers is None else ns.workers
+    if workers < 1:
+        raise ConfigError("--workers", f"must be an integer >= 1, got {workers}")
+    if ns.gpus_per_worker is not None and not (0 <= ns.gpus_per_worker):
+        raise ConfigError("--gpus-per-worker", f"must be >= 0, got {ns.gpus_per_worker}")
+    if ns.cpus_per_worker < 0:
+        raise ConfigError("--cpus-per-worker", f"must be >= 0, got {ns.cpus_per_worker}")
+    if ns.placement_timeout <= 0:
+        raise ConfigError("--placement-timeout", f"must be > 0 seconds, got {ns.placement_timeout}")
+    if ns.max_restarts < 0:
+        raise ConfigError("--max-restarts", f"must be >= 0, got {ns.max_restarts}")
+    from .ray_executor import RayExecutor
+
+    return RayExecutor(
+        num_workers=workers,
+        address=ns.address,
+        gpus_per_worker=ns.gpus_per_worker,
+        cpus_per_worker=ns.cpus_per_worker,
+        placement_strategy=ns.placement_strategy,
+        placement_timeout_s=ns.placement_timeout,
+        max_restarts=ns.max_restarts,
+    )
+
+
+def _print_workers(summary: dict) -> None:
+    for ev in summary.get("events", []):
+        print(f"  event: {ev}")
+    rows = summary.get("workers")
+    if rows:
+        print(f"  {'worker':>6} {'node':>8} {'patches':>8} {'calls':>6} {'busy s':>8} {'idle s':>8}  state")
+        for w in rows:
+            print(f"  {w['worker']:>6} {w['node']:>8} {w['patches']:>8} {w['calls']:>6} {w['busy_s']:>8.2f} {w['idle_s']:>8.2f}  {w['state']}")
+
+
+def _plan(config: RenderConfig, ns) -> int:
+    from .plan import plan
+
+    p = plan(config)
+    d = p.to_dict()
+    if ns.workers:
+        if ns.workers < 1:
+            raise ConfigError("--workers", f"must be an integer >= 1, got {ns.workers}")
+        d["estimate"] = p.timing(ns.workers, ns.seconds_per_patch)
+    if ns.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"plan for {config.width}x{config.height}, model {config.model} (native window {p.native_window} latents), method {config.method}")
+    print(f"{'phase':>5} {'size':>11} {'d':>2} {'steps':>5} {'t0':>4} {'eta':>4} {'local':>5} {'dilated':>7} {'patches':>8}")
+    for ph in p.phases:
+        print(
+            f"{ph.index:>5} {f'{ph.width}x{ph.height}':>11} {ph.dilation:>2} {ph.steps:>5} {ph.start_timestep:>4} "
+            f"{ph.eta:>4.1f} {ph.local_windows:>5} {ph.dilated_patches:>7} {ph.patch_evals:>8}"
+        )
+    print(f"UNet patch evaluations (per guidance branch): {p.unet_patch_evals}")
+    if "estimate" in d:
+        e = d["estimate"]
+        print(f"on {e['workers']} workers at {ns.seconds_per_patch * 1000:.0f} ms/patch: ideal {e['ideal_s']:.1f} s, "
+              f"with per-step barriers {e['barrier_s']:.1f} s (efficiency bound {e['bound_efficiency']:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

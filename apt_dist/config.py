@@ -1,0 +1,201 @@
+"""RenderConfig: every knob of a render, with the paper's defaults, and its validation.
+
+Method presets: `method="apt"` (the default) turns on Statistical Matching, Scale-aware
+Scheduling and the shortcut (T0 = 30 of 50); `method="demofusion"` turns all three off.
+The per-part fields default to None, meaning "as the method says"; setting one
+overrides the preset, for ablations. Resolved values are the `*_on` / `start_step`
+properties, so `dataclasses.replace(cfg, method=...)` behaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from .matching import SM_STATS
+from .schedules import SCHEDULERS
+
+METHODS = ("apt", "demofusion")
+DEFAULT_ETA = {2: 2.0, 3: 3.0, 4: 3.5}  # per phase; larger phases keep the last value
+APT_SHORTCUT = 30  # T0: denoising steps of an upscaling phase, of 50
+
+
+class ConfigError(ValueError):
+    """Bad input, reported as one line naming the option."""
+
+    def __init__(self, option: str, message: str):
+        self.option = option
+        super().__init__(f"{option}: {message}")
+
+
+@dataclass
+class RenderConfig:
+    # What to render.
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = 384  # pixels, a multiple of 8 (384 = three phases of the tiny model; SDXL posters: 2048-16384)
+    height: int = 384
+    seed: int = 0
+    # Model and numerics.
+    model: str = "tiny"  # "tiny" | "sdxl-random" | hub id | diffusers folder | .safetensors file
+    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
+    device: str = "auto"
+    # Sampling.
+    method: str = "apt"  # "apt" | "demofusion"
+    scheduler: str = "euler"  # "euler" | "ddim"
+    steps: int = 50
+    guidance_scale: float = 7.5
+    # APT parts (None: as `method` says).
+    statistical_matching: bool | None = None
+    sm_stats: str = "channel"  # "channel" | "global"
+    scale_aware_scheduling: bool | None = None
+    eta: dict[int, float] = field(default_factory=lambda: dict(DEFAULT_ETA))
+    shortcut_steps: int | None = None  # T0; None: 30 for apt, all steps for demofusion
+    # DemoFusion.
+    cosine_scale_1: float = 3.0  # skip residual
+    cosine_scale_2: float = 1.0  # local/dilated fusion
+    cosine_scale_3: float = 1.0  # blur strength
+    sigma: float = 0.8
+    stride: int | None = None  # local window stride in latents; None: native // 2
+    jitter: bool = True
+    anchor_renorm: bool = True
+    # Work units: patches per UNet call, and whether the two guidance halves are separate calls.
+    view_batch_size: int = 1
+    split_guidance: bool = True
+    # Decoding and outputs.
+    decode_tile: int | None = None  # latent tile; None: the native window
+    decode_overlap: int | None = None  # latents; None: a quarter of the tile
+    save_phases: bool = False
+
+    # ---- resolved presets -------------------------------------------------------
+    @property
+    def sm_on(self) -> bool:
+        return self.method == "apt" if self.statistical_matching is None else self.statistical_matching
+
+    @property
+    def sas_on(self) -> bool:
+        return self.method == "apt" if self.scale_aware_scheduling is None else self.scale_aware_scheduling
+
+    @property
+    def upscale_steps(self) -> int:
+        """T0: denoising steps run in each upscaling phase."""
+        if self.shortcut_steps is not None:
+            return self.shortcut_steps
+        return min(APT_SHORTCUT, self.steps) if self.method == "apt" else self.steps
+
+    def eta_for(self, phase: int) -> float:
+        """Scale-aware Scheduling eta of phase `phase` (1-based); 0.5 is the model's own table."""
+        if not self.sas_on or phase < 2 or not self.eta:
+            return 0.5
+        keys = sorted(self.eta)
+        usable = [k for k in keys if k <= phase]
+        return float(self.eta[usable[-1] if usable else keys[0]])
+
+    # ---- validation ------------------------------------------------------------
+    def validate(self) -> "RenderConfig":
+        """Raise ConfigError for the first bad option; cheap, loads nothing."""
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % 8:
+                raise ConfigError(f"--{name}", f"must be a positive multiple of 8 pixels, got {v!r}")
+        _int_at_least("--steps", self.steps, 1)
+        _choice("--method", self.method, METHODS)
+        _choice("--scheduler", self.scheduler, SCHEDULERS)
+        _choice("--sm-stats", self.sm_stats, SM_STATS)
+        if self.shortcut_steps is not None:
+            _int_at_least("--shortcut-steps", self.shortcut_steps, 1)
+            if self.shortcut_steps > self.steps:
+                raise ConfigError(
+                    "--shortcut-steps",
+                    f"the shortcut T0={self.shortcut_steps} is longer than --steps={self.steps}; allowed: 1..{self.steps}",
+                )
+        if not _finite(self.guidance_scale) or self.guidance_scale < 0:
+            raise ConfigError("--guidance", f"must be a finite number >= 0, got {self.guidance_scale!r}")
+        if not isinstance(self.eta, dict):
+            raise ConfigError("--eta", f"must map phase to eta, got {self.eta!r}")
+        for k, v in self.eta.items():
+            if not isinstance(k, int) or k < 2:
+                raise ConfigError("--eta", f"phase keys must be integers >= 2, got {k!r}")
+            if not _finite(v) or v <= 0:
+                raise ConfigError("--eta", f"eta must be a finite number > 0, got {v!r} for phase {k}")
+        for name in ("cosine_scale_1", "cosine_scale_2", "cosine_scale_3"):
+            v = getattr(self, name)
+            if not _finite(v) or v < 0:
+                raise ConfigError("--" + name.replace("_", "-"), f"must be a finite number >= 0, got {v!r}")
+        if not _finite(self.sigma) or self.sigma <= 0:
+            raise ConfigError("--sigma", f"must be a finite number > 0, got {self.sigma!r}")
+        if self.stride is not None:
+            _int_at_least("--stride", self.stride, 1)
+        _int_at_least("--view-batch-size", self.view_batch_size, 1)
+        if self.decode_tile is not None:
+            _int_at_least("--decode-tile", self.decode_tile, 2)
+        if self.decode_overlap is not None:
+            _int_at_least("--decode-overlap", self.decode_overlap, 0)
+            tile = self.decode_tile
+            if tile is not None and self.decode_overlap >= tile:
+                raise ConfigError("--decode-overlap", f"must be smaller than --decode-tile={tile}, got {self.decode_overlap}")
+        from .models import DTYPES, check_model_name  # local: keeps `import apt_dist.config` light
+
+        _choice("--dtype", self.dtype, DTYPES)
+        try:
+            check_model_name(self.model)
+        except ValueError as e:
+            raise ConfigError("--model", str(e)) from None
+        return self
+
+    def validate_for_model(self, native: int) -> None:
+        """Checks that need the model's native window (in latents)."""
+        if self.stride is not None and self.stride > native:
+            raise ConfigError("--stride", f"must be at most the native window of {native} latents, got {self.stride}")
+
+    # ---- (de)serialisation -------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["eta"] = {str(k): v for k, v in self.eta.items()}
+        d["resolved"] = {
+            "statistical_matching": self.sm_on,
+            "scale_aware_scheduling": self.sas_on,
+            "upscale_steps": self.upscale_steps,
+        }
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RenderConfig":
+        d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        if "eta" in d:
+            d["eta"] = {int(k): float(v) for k, v in d["eta"].items()}
+        return cls(**d)
+
+
+def parse_eta(text: str) -> dict[int, float]:
+    """'2:2.0,3:3.0,4:3.5' -> {2: 2.0, 3: 3.0, 4: 3.5}; a single number applies to every phase."""
+    text = text.strip()
+    try:
+        if ":" not in text:
+            return {2: float(text)}
+        out = {}
+        for part in text.split(","):
+            k, v = part.split(":")
+            out[int(k)] = float(v)
+        return out
+    except ValueError:
+        raise ConfigError("--eta", f"expected 'PHASE:ETA,...' (e.g. 2:2.0,3:3.0,4:3.5) or one number, got {text!r}") from None
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(option: str, v, lo: int) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise ConfigError(option, f"must be an integer >= {lo}, got {v!r}")
+
+
+def _choice(option: str, v, allowed) -> None:
+    if v not in allowed:
+        raise ConfigError(option, f"unknown value {v!r}; allowed: {', '.join(allowed)}")

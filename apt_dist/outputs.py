@@ -1,0 +1,80 @@
+"""Images out: tensor to PIL, and PNGs written atomically with the render's metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """[1 or none, 3, H, W] in [-1, 1] -> RGB PIL image."""
+    if image.dim() == 4:
+        image = image[0]
+    arr = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(arr, mode="RGB")
+
+
+def png_metadata(prompt: str, seed: int, config_json: str, extra: dict | None = None) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("prompt", prompt)
+    info.add_text("seed", str(seed))
+    info.add_itxt("apt_dist_config", config_json)
+    for k, v in (extra or {}).items():
+        info.add_itxt(k, v if isinstance(v, str) else json.dumps(v))
+    return info
+
+
+def save_png_atomic(image: Image.Image, path: str | os.PathLike, pnginfo: PngImagePlugin.PngInfo | None = None) -> Path:
+    """Write a PNG to a temporary file beside `path`, fsync it, then rename it into place.
+
+    A crash leaves either the old file or the new one, never half an image.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=pnginfo)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def check_output_path(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot take the output PNG, or None when it can (checked before any work)."""
+    p = Path(path)
+    if p.suffix.lower() != ".png":
+        return f"must end in .png, got {str(path)!r}"
+    if p.is_dir():
+        return f"{str(path)!r} is a directory"
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        return f"folder {str(parent)!r} does not exist"
+    if not os.access(parent, os.W_OK):
+        return f"folder {str(parent)!r} is not writable"
+    if p.exists() and not os.access(p, os.W_OK):
+        return f"{str(path)!r} exists and is not writable"
+    return None
+
+
+def write_result(result, out: str | os.PathLike) -> list[Path]:
+    """Write a RenderResult's image (and its phase images, `<stem>.phaseK.png`) with metadata."""
+    from . import __version__
+
+    cfg = result.config
+    extra = {"apt_dist_version": __version__, "phases": [f"{p.width}x{p.height}" for p in result.phases]}
+    info = png_metadata(cfg.prompt, cfg.seed, cfg.to_json(), extra)
+    out = Path(out)
+    paths = [save_png_atomic(result.image, out, info)]
+    for k, img in enumerate(result.phase_images[:-1], start=1):
+        paths.append(save_png_atomic(img, out.with_name(f"{out.stem}.phase{k}.png"), info))
+    return paths

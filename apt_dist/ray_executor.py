@@ -1,0 +1,300 @@
+"""RayExecutor: the sampler's executor interface over Ray actors, one UNet replica each.
+
+The driver keeps everything that decides the image (latents, generators, schedules,
+fusion); workers only answer work units. Per timestep:
+
+  1. the units (fixed by `executor.make_units`, never by the worker count) go into a queue;
+  2. a plain `ray.wait` loop keeps `calls_in_flight` calls per live worker, each call taking a
+     shrinking share of the queue (big calls first, single units at the end), so
+     workers stay busy without a slow worker holding the step's barrier for long;
+  3. a call that fails because its worker died puts its units back in the queue; the worker
+     is pinged, and comes back into rotation if Ray restarts it (`max_restarts`);
+  4. results are stored by unit index, so the order of arrival does not matter.
+
+All workers are reserved up front in a placement group; if the cluster cannot provide
+them within `placement_timeout_s`, `start` fails before any work, saying what was
+asked and what the cluster has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .executor import Executor, RenderContext, WorkUnit
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run the render: placement failed, or no worker is left."""
+
+
+@dataclass
+class WorkerState:
+    handle: object
+    index: int
+    info: dict = field(default_factory=dict)
+    alive: bool = True
+    dead: bool = False  # gone for good (ray.kill, restarts exhausted)
+    in_flight: int = 0
+    patches: float = 0.0  # patch evaluations served (a guidance half counts 0.5)
+    calls: int = 0
+    busy_s: float = 0.0
+    losses: int = 0
+
+
+class RayExecutor(Executor):
+    """Executor over `num_workers` Ray actors.
+
+    address: None starts a local Ray instance (or uses the one this process already
+    initialised); "auto" or "HOST:PORT" joins a running cluster.
+    gpus_per_worker: None means 1 when the cluster has GPUs, else 0 (CPU workers).
+    """
+
+    def __init__(
+        self,
+        num_workers: int = 1,
+        address: str | None = None,
+        gpus_per_worker: float | None = None,
+        cpus_per_worker: float = 1.0,
+        placement_strategy: str = "PACK",
+        placement_timeout_s: float = 120.0,
+        worker_timeout_s: float = 300.0,
+        max_restarts: int = 2,
+        calls_in_flight: int = 2,
+        simulate_seconds_per_patch: float | None = None,
+        worker_delay_s: float = 0.0,
+        ray_init_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"unknown placement_strategy {placement_strategy!r}")
+        self.num_workers = num_workers
+        self.address = address
+        self.gpus_per_worker = gpus_per_worker
+        self.cpus_per_worker = cpus_per_worker
+        self.placement_strategy = placement_strategy
+        self.placement_timeout_s = placement_timeout_s
+        self.worker_timeout_s = worker_timeout_s
+        self.max_restarts = max_restarts
+        self.calls_in_flight = calls_in_flight
+        self.simulate = simulate_seconds_per_patch
+        self.worker_delay_s = worker_delay_s
+        self.ray_init_kwargs = ray_init_kwargs or {}
+        self.workers: list[WorkerState] = []
+        self._pg = None
+        self._spec = None
+        self._owns_ray = False
+        self._ctx_ref = None
+        self._pings: dict = {}
+        self._render_t0 = 0.0
+
+    # ---- lifecycle -----------------------------------------------------------------
+    def start(self, context: RenderContext) -> None:
+        import ray
+
+        super().start(context)
+        if not ray.is_initialized():
+            # No address: join the cluster of a Ray job (RAY_ADDRESS is set there), else start a local instance.
+            address = self.address or (None if os.environ.get("RAY_ADDRESS") else "local")
+            kw = {"log_to_driver": False} | ({"include_dashboard": False} if address == "local" else {})
+            ray.init(address=address, **(kw | self.ray_init_kwargs))
+            self._owns_ray = True
+        worker_spec = self._worker_spec(context.model)
+        if self.workers and worker_spec != self._spec:
+            self._shutdown_workers()
+        if not self.workers:
+            self._spec = worker_spec
+            self._launch()
+        for w in self.workers:
+            w.patches = w.busy_s = 0.0
+            w.calls = w.losses = 0
+        ctx = {"embeds": context.embeds, "original_size": tuple(context.original_size)}
+        self._ctx_ref = ray.put(ctx)  # sent once; each worker resolves it on its first call
+        self._render_t0 = time.perf_counter()
+
+    def _gpus(self) -> float:
+        import ray
+
+        if self.gpus_per_worker is not None:
+            return self.gpus_per_worker
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and self.simulate is None else 0.0
+
+    def _worker_spec(self, spec):
+        return dataclasses.replace(spec, device="cuda" if self._gpus() > 0 else "cpu")
+
+    def _launch(self) -> None:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from .worker import UNetWorker
+
+        gpus = self._gpus()
+        bundle = {"CPU": self.cpus_per_worker} | ({"GPU": gpus} if gpus > 0 else {})
+        pg = placement_group([dict(bundle) for _ in range(self.num_workers)], strategy=self.placement_strategy)
+        try:
+            ray.get(pg.ready(), timeout=self.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            total, free = ray.cluster_resources(), ray.available_resources()
+            have = ", ".join(f"{k}={total.get(k, 0):g} (free {free.get(k, 0):g})" for k in ("CPU", "GPU"))
+            raise ClusterError(
+                f"could not reserve {self.num_workers} workers x {bundle} ({self.placement_strategy}) within "
+                f"{self.placement_timeout_s:g} s; the cluster has {have} on {len(ray.nodes())} node(s)"
+            ) from None
+        self._pg = pg
+        actor_cls = ray.remote(UNetWorker)
+        sim_row = None if self.simulate is None else self.simulate / 2
+        for i in range(self.num_workers):
+            h = actor_cls.options(
+                num_cpus=self.cpus_per_worker,
+                num_gpus=gpus,
+                max_restarts=self.max_restarts,
+                max_task_retries=0,  # the driver re-queues lost units itself, onto any live worker
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+            ).remote(self._spec, sim_row, self.worker_delay_s)
+            self.workers.append(WorkerState(h, i))
+        infos = ray.get([w.handle.info.remote() for w in self.workers])  # waits for every model to load
+        for w, info in zip(self.workers, infos):
+            w.info = info
+
+    def close(self) -> None:
+        import ray
+
+        self._shutdown_workers()
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False
+
+    def _shutdown_workers(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for w in self.workers:
+            try:
+                ray.kill(w.handle)
+            except Exception:
+                pass
+        self.workers = []
+        self._pings = {}
+        if self._pg is not None:
+            try:
+                remove_placement_group(self._pg)
+            except Exception:
+                pass
+            self._pg = None
+
+    # ---- the per-timestep loop -----------------------------------------------------------
+    def _run_units(self, timestep, units: list[WorkUnit], patches, crops):
+        payloads = [_unit_payload(u, patches, crops) for u in units]
+        return self._dispatch(payloads, lambda h, batch: h.predict.remote([self._ctx_ref], timestep, batch),
+                              weights=[len(u.rows) / 2 for u in units], what=f"timestep {timestep}")
+
+    def _decode(self, tiles):
+        arrays = [t.numpy() for t in tiles]
+        outs = self._dispatch(arrays, lambda h, batch: h.decode.remote(batch), weights=[0] * len(arrays), what="decode")
+        return [torch.from_numpy(np.array(o)) for o in outs]
+
+    def _dispatch(self, items: list, submit, weights: list[float], what: str) -> list:
+        """Run every item on some live worker; return results in item order."""
+        import ray
+
+        results: list = [None] * len(items)
+        queue = deque(range(len(items)))
+        in_flight: dict = {}  # ref -> (worker, [item indices])
+        waiting_since = None
+        while queue or in_flight:
+            live = [w for w in self.workers if w.alive]
+            for w in live:
+                while queue and w.in_flight < self.calls_in_flight:
+                    take = max(1, math.ceil(len(queue) / (len(live) * self.calls_in_flight)))
+                    idx = [queue.popleft() for _ in range(min(take, len(queue)))]
+                    in_flight[submit(w.handle, [items[i] for i in idx])] = (w, idx)
+                    w.in_flight += 1
+            if not live and not in_flight:
+                waiting_since = waiting_since or time.perf_counter()
+                if not self._pings or time.perf_counter() - waiting_since > self.worker_timeout_s:
+                    raise ClusterError(
+                        f"no live worker left during {what}: {sum(w.dead for w in self.workers)} of "
+                        f"{len(self.workers)} workers are gone and none came back within {self.worker_timeout_s:g} s"
+                    )
+            else:
+                waiting_since = None
+            refs = list(in_flight) + list(self._pings)
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            for ref in ready:
+                if ref in self._pings:
+                    self._settle_ping(ref)
+                    continue
+                w, idx = in_flight.pop(ref)
+                w.in_flight -= 1
+                try:
+                    outs, busy = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    self._lost(w, e, what, len(idx))
+                    queue.extendleft(reversed(idx))
+                    continue
+                for i, o in zip(idx, outs):
+                    results[i] = o
+                w.calls += 1
+                w.busy_s += busy
+                w.patches += sum(weights[i] for i in idx)
+        return results
+
+    def _lost(self, w: WorkerState, err: Exception, what: str, n: int) -> None:
+        w.alive = False
+        w.losses += 1
+        self.stats.events.append(
+            f"worker {w.index} (pid {w.info.get('pid')}, node {str(w.info.get('node_id'))[:8]}) lost during {what}: "
+            f"{type(err).__name__}; {n} work unit(s) re-queued"
+        )
+        # Pinging a restarting actor waits until Ray has restarted it (re-running __init__).
+        self._pings[w.handle.info.remote()] = w
+
+    def _settle_ping(self, ref) -> None:
+        import ray
+
+        w = self._pings.pop(ref)
+        try:
+            w.info = ray.get(ref)
+            w.alive = True
+            self.stats.events.append(f"worker {w.index} is back (restarted by Ray, pid {w.info['pid']})")
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            w.dead = True
+            self.stats.events.append(f"worker {w.index} is gone for good: {type(e).__name__}")
+
+    # ---- reporting ----------------------------------------------------------------------------
+    def summary(self) -> dict:
+        wall = time.perf_counter() - self._render_t0
+        s = super().summary()
+        s["workers"] = [
+            {
+                "worker": w.index,
+                "node": str(w.info.get("node_id", ""))[:8],
+                "pid": w.info.get("pid"),
+                "patches": round(w.patches, 1),
+                "calls": w.calls,
+                "busy_s": round(w.busy_s, 3),
+                "idle_s": round(max(0.0, wall - w.busy_s), 3),
+                "state": "dead" if w.dead else ("live" if w.alive else "lost"),
+            }
+            for w in self.workers
+        ]
+        return s
+
+
+def _unit_payload(unit: WorkUnit, patches, crops):
+    """(unique patches as one numpy array, rows re-indexed to them, their crops)."""
+    uniq = unit.patches
+    local = {p: k for k, p in enumerate(uniq)}
+    x = np.stack([patches[p].numpy() for p in uniq])
+    return x, [(local[p], b) for p, b in unit.rows], [crops[p] for p in uniq]

@@ -1,0 +1,254 @@
+"""The APT sampler: DemoFusion's progressive upscaling with APT's three changes.
+
+Read top to bottom, `render` is the paper:
+
+  phase 1      plain SDXL text-to-image at the native size -> reference latent z1
+  phase s >= 2 bicubic upsample
+               Statistical Matching of the dilated sub-lattices to z1        (APT)
+               Scale-aware Scheduling: this phase's own beta table (eta_s)  (APT)
+               one noise draw; start at step N - T0 (the shortcut)          (APT)
+               every step: skip residual, jittered local windows, blurred
+               dilated sub-lattices, cosine-weighted fusion
+               renormalise to z1's global statistics
+  decode       tiled VAE decode
+
+The UNet is reached only through an `Executor` (one `predict` call per timestep).
+All randomness comes from one generator seeded with the render's seed, drawn in a
+fixed order on the driver, so the image depends on neither the number of workers nor
+the order their answers arrive in.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import schedules as S
+from .config import RenderConfig
+from .executor import Executor, InProcessExecutor, RenderContext
+from .geometry import crop_pixels, gaussian_blur, jitter_range, lattice_offsets, local_windows
+from .matching import ReferenceStats, standardize_to, statistical_matching
+from .outputs import to_pil
+from .plan import Plan, PhasePlan, build_plan
+from .tiling import decode_tiled
+
+
+class RenderError(RuntimeError):
+    """A render that cannot go on (non-finite latents, no workers left, ...)."""
+
+
+@dataclass
+class PhaseStats:
+    index: int
+    width: int
+    height: int
+    steps: int
+    seconds: float
+    executor_seconds: float  # inside executor.predict (UNet calls, and transport for remote executors)
+    patch_evals: int
+
+    @property
+    def driver_share(self) -> float:
+        """Share of the phase's wall time spent outside UNet calls: cutting, stepping, fusing."""
+        return max(0.0, 1.0 - self.executor_seconds / self.seconds) if self.seconds > 0 else 0.0
+
+
+@dataclass
+class RenderResult:
+    image: "object"  # PIL.Image
+    latent: torch.Tensor
+    plan: Plan
+    config: RenderConfig
+    phases: list[PhaseStats]
+    seconds: float
+    decode_seconds: float
+    patch_evals: int
+    phase_images: list = field(default_factory=list)
+    executor_summary: dict = field(default_factory=dict)
+
+
+StepCallback = Callable[[int, int, int], None]  # (phase, step, timestep), after each step
+
+
+def render(
+    config: RenderConfig,
+    executor: Executor | None = None,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+) -> RenderResult:
+    """Render `config`. `executor` defaults to an in-process one on `config.device`."""
+    from .models import ModelSpec, encode_prompt, model_info
+
+    config.validate()
+    t_start = time.perf_counter()
+    spec = ModelSpec(config.model, config.dtype, config.device)
+    info = model_info(spec)
+    plan = build_plan(config, info.native_window, info.vae_scale, info.num_train_timesteps)
+    embeds = encode_prompt(spec, config.prompt, config.negative_prompt, seed=config.seed)
+
+    own = executor is None
+    executor = executor or InProcessExecutor()
+    try:
+        executor.start(
+            RenderContext(spec, embeds, (config.height, config.width), config.guidance_scale, config.view_batch_size, config.split_guidance)
+        )
+        sampler = _Sampler(config, plan, info, executor, callback, progress)
+        latent, phase_latents = sampler.run()
+        t_dec = time.perf_counter()
+        image = to_pil(decode(latent, executor, config, info))
+        phase_images = [to_pil(decode(z, executor, config, info)) for z in phase_latents[:-1]] if config.save_phases else []
+        if config.save_phases:
+            phase_images.append(image)
+        decode_s = time.perf_counter() - t_dec
+        summary = executor.summary()
+    finally:
+        if own:
+            executor.close()
+    return RenderResult(
+        image=image,
+        latent=latent,
+        plan=plan,
+        config=config,
+        phases=sampler.stats,
+        seconds=time.perf_counter() - t_start,
+        decode_seconds=decode_s,
+        patch_evals=sum(p.patch_evals for p in sampler.stats),
+        phase_images=phase_images,
+        executor_summary=summary,
+    )
+
+
+def decode(latent: torch.Tensor, executor: Executor, config: RenderConfig, info) -> torch.Tensor:
+    tile = config.decode_tile or info.native_window
+    overlap = config.decode_overlap if config.decode_overlap is not None else tile // 4
+    return decode_tiled(latent, executor.decode, tile, overlap, info.vae_scale)
+
+
+class _Sampler:
+    def __init__(self, config: RenderConfig, plan: Plan, info, executor: Executor, callback, progress: bool):
+        self.cfg, self.plan, self.info, self.ex = config, plan, info, executor
+        self.callback, self.progress = callback, progress
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.stats: list[PhaseStats] = []
+        self.bar = None  # one progress bar over every step of every phase
+
+    def schedule(self, eta: float) -> S.NoiseSchedule:
+        """This phase's tables: Scale-aware Scheduling's betas (eta 0.5 = the model's own)."""
+        i = self.info
+        return S.make_schedule(self.cfg.scheduler, self.cfg.steps, S.sas_betas(i.num_train_timesteps, i.beta_start, i.beta_end, eta))
+
+    def run(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=sum(p.steps for p in self.plan.phases), unit="step", dynamic_ncols=True)
+        try:
+            return self._run()
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+
+    def _run(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        latents = []
+        x = ref = None
+        for phase in self.plan.phases:
+            t0, ex0, ev0 = time.perf_counter(), self.ex.stats.seconds, self.ex.stats.patch_evals
+            if phase.index == 1:
+                x = self.reference_phase(phase)
+                ref = ReferenceStats.of(x)
+            else:
+                x = self.upscale_phase(phase, x, ref)
+            latents.append(x)
+            self.stats.append(
+                PhaseStats(phase.index, phase.width, phase.height, phase.steps, time.perf_counter() - t0,
+                           self.ex.stats.seconds - ex0, self.ex.stats.patch_evals - ev0)
+            )
+        return x, latents
+
+    # ---- phase 1: the reference latent -------------------------------------------
+    def reference_phase(self, phase: PhasePlan) -> torch.Tensor:
+        sched = self.schedule(0.5)
+        shape = (1, self.info.latent_channels, phase.latent_height, phase.latent_width)
+        x = torch.randn(shape, generator=self.gen) * S.init_noise_sigma(sched)
+        for i in self._steps(phase):
+            t = int(sched.timesteps[i])
+            (eps,) = self.ex.predict(t, [S.scale_model_input(sched, x, i)[0]], [(0, 0)])
+            x = S.step(sched, x, eps[None], i)
+            self._check(x, phase, i, t)
+        return x
+
+    # ---- phases 2..S: upscale, match, re-noise, denoise with fused views ---------
+    def upscale_phase(self, phase: PhasePlan, prev: torch.Tensor, ref: ReferenceStats) -> torch.Tensor:
+        cfg, n = self.cfg, self.plan.native_window
+        h, w, d = phase.latent_height, phase.latent_width, phase.dilation
+        z = F.interpolate(prev, size=(h, w), mode="bicubic", align_corners=False)
+        if cfg.sm_on:  # Statistical Matching
+            z = statistical_matching(z, ref, d, cfg.sm_stats)
+        sched = self.schedule(phase.eta)  # Scale-aware Scheduling
+        noise = torch.randn(z.shape, generator=self.gen)  # one draw for the whole phase
+        x = S.add_noise(sched, z, noise, phase.start_step)  # the shortcut: start at N - T0
+        jr = jitter_range(n, self.plan.stride)
+        offsets = lattice_offsets(d)
+        for i in self._steps(phase):
+            t = int(sched.timesteps[i])
+            cf = S.cosine_factor(t, sched.num_train_timesteps)
+            c1, c2 = cf**cfg.cosine_scale_1, cf**cfg.cosine_scale_2
+            c3 = 0.99 * cf**cfg.cosine_scale_3 + 0.01
+
+            # Skip residual towards the noised upsampled latent of this step.
+            x = (1 - c1) * x + c1 * S.add_noise(sched, z, noise, i)
+
+            # Local views: jittered windows of the zero-padded latent.
+            xp = F.pad(x, (jr, jr, jr, jr))
+            windows = local_windows(h, w, n, self.plan.stride, self.gen if cfg.jitter else None)
+            local_in = [xp[0, :, win.slices()[0], win.slices()[1]] for win in windows]
+            crops = [crop_pixels(win, jr, self.plan.vae_scale) for win in windows]
+
+            # Dilated views: the UNet sees the blurred sub-lattices, re-standardised to x.
+            blurred = standardize_to(gaussian_blur(x, 2 * d - 1, cfg.sigma * c3), x.mean(), x.std())
+            dilated_in = [blurred[0, :, a::d, b::d] for a, b in offsets]
+
+            model_in = [S.scale_model_input(sched, p, i) for p in local_in + dilated_in]
+            eps = self.ex.predict(t, model_in, crops + [(0, 0)] * len(offsets))
+            eps_local, eps_dilated = eps[: len(windows)], eps[len(windows) :]
+
+            # Step every window, then average where they overlap.
+            value, count = torch.zeros_like(xp), torch.zeros_like(xp)
+            for win, p, e in zip(windows, local_in, eps_local):
+                ys, xs = win.slices()
+                value[0, :, ys, xs] += S.step(sched, p, e, i)
+                count[0, :, ys, xs] += 1
+            x_local = (value / count.clamp(min=1))[:, :, jr : jr + h, jr : jr + w]
+
+            # Step each UNBLURRED sub-lattice with the prediction made from its blurred twin.
+            x_dilated = torch.empty_like(x)
+            for (a, b), e in zip(offsets, eps_dilated):
+                x_dilated[0, :, a::d, b::d] = S.step(sched, x[0, :, a::d, b::d], e, i)
+
+            x = (1 - c2) * x_local + c2 * x_dilated
+            self._check(x, phase, i, t)
+        if cfg.anchor_renorm:
+            x = standardize_to(x, ref.mean, ref.std)
+        return x
+
+    # ---- helpers -----------------------------------------------------------------
+    def _steps(self, phase: PhasePlan):
+        if self.bar is not None:
+            self.bar.set_description(f"phase {phase.index}/{len(self.plan.phases)} {phase.width}x{phase.height}")
+        return range(phase.start_step, phase.start_step + phase.steps)
+
+    def _check(self, x: torch.Tensor, phase: PhasePlan, i: int, t: int) -> None:
+        if not torch.isfinite(x).all():
+            raise RenderError(
+                f"non-finite latent (NaN or inf) in phase {phase.index} at step {i} (timestep {t}); "
+                "try --dtype float32 or another seed"
+            )
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"patches {self.ex.stats.patch_evals}/{self.plan.unet_patch_evals}", refresh=False)
+        if self.callback is not None:
+            self.callback(phase.index, i, t)

@@ -1,0 +1,54 @@
+"""Tiled VAE decoding: overlapping latent tiles, decoded independently, blended smoothly.
+
+The tile geometry and the blend are pure functions; the decoding itself goes through
+an executor, so workers can share the tiles. Memory on a worker is bounded by the
+tile size, whatever the image size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Starts of tiles of size `tile` covering [0, length), stepping tile - overlap; the last snaps to the end."""
+    if length <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, length - tile, step))
+    starts.append(length - tile)
+    return starts
+
+
+def ramp(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
+    """1-D blend weight: rises over `fade_start` samples, falls over `fade_end`, 1 between; never 0."""
+    w = torch.ones(size, dtype=torch.float64)
+    if fade_start > 0:
+        w[:fade_start] = torch.minimum(w[:fade_start], (torch.arange(fade_start) + 0.5) / fade_start)
+    if fade_end > 0:
+        w[size - fade_end :] = torch.minimum(w[size - fade_end :], (torch.arange(fade_end).flip(0) + 0.5) / fade_end)
+    return w
+
+
+def decode_tiled(latent: torch.Tensor, decode_fn, tile: int, overlap: int, scale: int) -> torch.Tensor:
+    """Decode [1, C, h, w] latents to [1, 3, h*scale, w*scale] through `decode_fn(list of [C, th, tw]) -> list of [3, ...]`.
+
+    Each tile is weighted by a ramp that fades over the overlap on every side that has
+    a neighbour, and the weighted sum is divided by the summed weights, so seams blend
+    and the borders of the image keep full weight.
+    """
+    _, _, h, w = latent.shape
+    tops, lefts = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    boxes = [(t, l, min(tile, h), min(tile, w)) for t in tops for l in lefts]
+    images = decode_fn([latent[0, :, t : t + th, l : l + tw] for t, l, th, tw in boxes])
+    out = torch.zeros(3, h * scale, w * scale, dtype=torch.float64)
+    weight = torch.zeros(1, h * scale, w * scale, dtype=torch.float64)
+    fade = overlap * scale
+    for (t, l, th, tw), img in zip(boxes, images):
+        wy = ramp(th * scale, fade if t > 0 else 0, fade if t + th < h else 0)
+        wx = ramp(tw * scale, fade if l > 0 else 0, fade if l + tw < w else 0)
+        wt = (wy[:, None] * wx[None, :])[None]
+        ys, xs = slice(t * scale, (t + th) * scale), slice(l * scale, (l + tw) * scale)
+        out[:, ys, xs] += img.to(torch.float64) * wt
+        weight[:, ys, xs] += wt
+    return (out / weight).to(torch.float32)[None]

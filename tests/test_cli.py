@@ -1,0 +1,96 @@
+"""The command line: end to end, the plan, and every bad-input case (exit 2, one line, nothing loaded)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from apt_dist import cli, models, sampler
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fail loudly if anything tries to build a model or encode a prompt."""
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(models, "Denoiser", boom)
+    monkeypatch.setattr(models, "encode_prompt", boom)
+    monkeypatch.setattr(models, "build_tiny_pipeline", boom)
+    monkeypatch.setattr(sampler, "render", boom)
+
+
+BAD = [
+    (["--width", "100"], "--width"),
+    (["--height", "0"], "--height"),
+    (["--width", "-64"], "--width"),
+    (["--steps", "0"], "--steps"),
+    (["--steps", "20", "--shortcut-steps", "30"], "--shortcut-steps"),
+    (["--eta", "2:0"], "--eta"),
+    (["--eta", "-1"], "--eta"),
+    (["--eta", "two"], "--eta"),
+    (["--guidance", "-1"], "--guidance"),
+    (["--guidance", "nan"], "--guidance"),
+    (["--method", "magic"], "--method"),
+    (["--scheduler", "plms"], "--scheduler"),
+    (["--model", "./no/such/folder"], "--model"),
+    (["--model", "missing.safetensors"], "--model"),
+    (["--dtype", "float8"], "--dtype"),
+    (["--width", "abc"], "--width"),
+    (["--out", "/no/such/dir/x.png"], "--out"),
+    (["--out", "/tmp"], "--out"),
+    (["--out", "picture.jpg"], "--out"),
+    (["--stride", "99"], "--stride"),
+]
+
+
+@pytest.mark.parametrize("args,option", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line_naming_the_option(args, option, capsys, no_models, tmp_path):
+    argv = ["render", "--prompt", "x"] + args
+    if "--out" not in args:
+        argv += ["--out", str(tmp_path / "x.png")]
+    with pytest.raises(SystemExit) as e:
+        sys.exit(cli.main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert option in err and "error" in err
+
+
+def test_plan_json_counts_at_4096():
+    def plan_json(*extra):
+        out = subprocess.run([sys.executable, "-m", "apt_dist", "plan", "--model", "sdxl-random", "--width", "4096",
+                              "--height", "4096", "--json", *extra], capture_output=True, text=True, check=True).stdout
+        return json.loads(out)
+
+    assert plan_json()["unet_patch_evals"] == 3410
+    assert plan_json("--method", "demofusion")["unet_patch_evals"] == 5650
+
+
+def test_plan_table(capsys):
+    assert cli.main(["plan", "--model", "sdxl-random", "--width", "2048", "--height", "2048", "--workers", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "UNet patch evaluations (per guidance branch): 440" in out  # 50 + 30 * 13
+    assert "on 8 workers" in out
+
+
+def test_render_end_to_end_through_the_cli(tmp_path):
+    out = tmp_path / "poster.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "apt_dist", "render", "--prompt", "a harbour at night", "--width", "384", "--height", "288",
+         "--steps", "6", "--shortcut-steps", "4", "--seed", "3", "--save-phases", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "UNet patch evaluations" in proc.stdout and str(out) in proc.stdout
+    img = Image.open(out)
+    assert img.size == (384, 288)
+    assert img.text["prompt"] == "a harbour at night" and img.text["seed"] == "3"
+    cfg = json.loads(img.text["apt_dist_config"])
+    assert cfg["width"] == 384 and cfg["method"] == "apt" and cfg["resolved"]["upscale_steps"] == 4
+    assert Image.open(tmp_path / "poster.phase1.png").size == (128, 96)
+    assert Image.open(tmp_path / "poster.phase2.png").size == (256, 192)
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write left nothing behind
