@@ -45,6 +45,7 @@ HELP = {
     "split_guidance": "run the two guidance branches as separate UNet calls (finer load balance)",
     "decode_tile": "VAE decode tile in latents (default: native window)",
     "decode_overlap": "VAE decode tile overlap in latents (default: tile / 4)",
+    "decode_context": "latents of surroundings decoded with each tile and cropped off (default: max(8, tile / 8))",
     "save_phases": "also write each phase's image beside the output",
 }
 

@@ -67,6 +67,7 @@ class RenderConfig:
     # Decoding and outputs.
     decode_tile: int | None = None  # latent tile; None: the native window
     decode_overlap: int | None = None  # latents; None: a quarter of the tile
+    decode_context: int | None = None  # latents of surroundings decoded with each tile; None: max(8, tile / 8)
     save_phases: bool = False
 
     # ---- resolved presets -------------------------------------------------------
@@ -131,6 +132,8 @@ class RenderConfig:
         _int_at_least("--view-batch-size", self.view_batch_size, 1)
         if self.decode_tile is not None:
             _int_at_least("--decode-tile", self.decode_tile, 2)
+        if self.decode_context is not None:
+            _int_at_least("--decode-context", self.decode_context, 0)
         if self.decode_overlap is not None:
             _int_at_least("--decode-overlap", self.decode_overlap, 0)
             tile = self.decode_tile

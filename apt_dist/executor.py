@@ -118,10 +118,14 @@ class Executor(ABC):
         self.stats.seconds += time.perf_counter() - t0
         return guided
 
-    def decode(self, tiles: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Decode latent tiles [C, h, w] to image tiles [3, 8h, 8w] in [-1, 1]."""
+    def decode(self, tiles: list[torch.Tensor], norm_stats: dict | None = None) -> list[torch.Tensor]:
+        """Decode latent tiles [C, h, w] to image tiles [3, 8h, 8w] in [-1, 1], all with the same GroupNorm statistics."""
         self.stats.decode_tiles += len(tiles)
-        return self._decode(tiles)
+        return self._decode(tiles, norm_stats)
+
+    def norm_stats(self, latent: torch.Tensor, max_side: int) -> dict:
+        """The VAE decoder's GroupNorm statistics of the whole latent (decoded once, downsampled to max_side)."""
+        return self._norm_stats(latent, max_side)
 
     @abstractmethod
     def _run_units(
@@ -130,7 +134,10 @@ class Executor(ABC):
         """Raw UNet outputs, one [rows, C, h, w] tensor per unit, in unit order."""
 
     @abstractmethod
-    def _decode(self, tiles: list[torch.Tensor]) -> list[torch.Tensor]: ...
+    def _decode(self, tiles: list[torch.Tensor], norm_stats: dict | None) -> list[torch.Tensor]: ...
+
+    @abstractmethod
+    def _norm_stats(self, latent: torch.Tensor, max_side: int) -> dict: ...
 
     def close(self) -> None:
         pass
@@ -173,5 +180,8 @@ class InProcessExecutor(Executor):
             outs.append(self._denoiser.predict(x, timestep, c, b, ctx.embeds, ctx.original_size))
         return outs
 
-    def _decode(self, tiles):
-        return [self._denoiser.decode(t[None])[0] for t in tiles]
+    def _decode(self, tiles, norm_stats):
+        return [self._denoiser.decode(t[None], norm_stats=norm_stats)[0] for t in tiles]
+
+    def _norm_stats(self, latent, max_side):
+        return self._denoiser.group_norm_stats(latent, max_side=max_side)

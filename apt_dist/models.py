@@ -269,6 +269,9 @@ def _tiny_vae_config() -> dict:
         "sample_size": 128,
         "scaling_factor": 0.13025,
         "force_upcast": True,
+        # No mid-block self-attention: with random weights it acts as a whole-tile average, which no tiled
+        # decode can reproduce; SDXL's trained attention is close to local, which is what makes tiling work there.
+        "mid_block_add_attention": False,
     }
 
 
@@ -590,6 +593,102 @@ def encode_prompt(spec: ModelSpec, prompt: str, negative_prompt: str = "", seed:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Shared GroupNorm statistics for tiled VAE decoding ("GroupNorm sync")
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _decoder_group_norms(vae: torch.nn.Module) -> dict[str, torch.nn.GroupNorm]:
+    """Every ``torch.nn.GroupNorm`` on the VAE's decode path, by qualified name relative to the VAE.
+
+    The decode path is ``post_quant_conv`` (a 1x1 conv, no norm) and ``decoder``; only the decoder holds GroupNorms
+    (resnet norm1/norm2, the mid-block attention's group_norm, conv_norm_out).
+    """
+    return {f"decoder.{name}": m for name, m in vae.decoder.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+
+
+@contextlib.contextmanager
+def _recording_group_norm_stats(norms: dict[str, torch.nn.GroupNorm], out: dict) -> Iterator[None]:
+    """Record each GroupNorm input's per-group (mean, biased var) of batch row 0 into `out` (forward pre-hooks)."""
+
+    def hook_for(name: str):
+        def hook(module: torch.nn.GroupNorm, args) -> None:
+            if name in out:
+                raise RuntimeError(f"GroupNorm {name!r} ran twice in one decoder pass; shared statistics need one call each")
+            x = args[0]
+            var, mean = torch.var_mean(x[:1].reshape(module.num_groups, -1).to(torch.float32), dim=1, correction=0)
+            out[name] = (mean.to("cpu"), var.to("cpu"))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in norms.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _fixed_stats_group_norm_forward(module: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor):
+    """A GroupNorm forward that normalises with the given per-group mean/var (then eps and affine as usual)."""
+    groups, channels = module.num_groups, module.num_channels
+    per = channels // groups
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.ndim < 2 or x.shape[1] != channels:
+            raise ValueError(f"GroupNorm expected {channels} channels, got input of shape {tuple(x.shape)}")
+        m = mean.to(device=x.device, dtype=torch.float32).repeat_interleave(per)
+        rstd = torch.rsqrt(var.to(device=x.device, dtype=torch.float32) + module.eps).repeat_interleave(per)
+        # y = (x - mean) * rstd * weight + bias, folded into one per-channel scale and shift: y = x * scale + shift
+        scale = rstd
+        shift = -m * rstd
+        if module.affine:
+            w, b = module.weight.to(torch.float32), module.bias.to(torch.float32)
+            scale = scale * w
+            shift = shift * w + b
+        view = (1, channels) + (1,) * (x.ndim - 2)
+        return torch.addcmul(shift.to(x.dtype).view(view), x, scale.to(x.dtype).view(view))
+
+    return forward
+
+
+@contextlib.contextmanager
+def _shared_group_norm(norms: dict[str, torch.nn.GroupNorm], stats: dict) -> Iterator[None]:
+    """Temporarily make every GroupNorm in `norms` normalise with `stats` instead of its input's own statistics.
+
+    Patches the forward of these module instances only (not ``torch.nn.GroupNorm``), restoring it on exit, also
+    when the body raises.
+    """
+    missing = sorted(set(norms) - set(stats))
+    extra = sorted(set(stats) - set(norms))
+    if missing or extra:
+        raise ValueError(
+            f"norm_stats do not match this VAE's decoder GroupNorms (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}); compute them with group_norm_stats of the same model"
+        )
+    given: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, module in norms.items():
+        mean, var = (torch.as_tensor(t) for t in stats[name])  # tensors, or numpy arrays after a trip through Ray
+        given[name] = (mean, var)
+        if tuple(mean.shape) != (module.num_groups,) or tuple(var.shape) != (module.num_groups,):
+            raise ValueError(
+                f"norm_stats[{name!r}] must be two [{module.num_groups}] tensors, got {tuple(mean.shape)} and {tuple(var.shape)}"
+            )
+    saved: list[tuple[torch.nn.Module, bool, Any]] = []
+    try:
+        for name, module in norms.items():
+            had_own = "forward" in module.__dict__
+            saved.append((module, had_own, module.__dict__.get("forward")))
+            module.forward = _fixed_stats_group_norm_forward(module, *given[name])
+        yield
+    finally:
+        for module, had_own, previous in reversed(saved):
+            if had_own:
+                module.forward = previous
+            else:
+                del module.forward
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Denoiser
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -668,9 +767,8 @@ class Denoiser:
         )[0]
         return noise.to(device="cpu", dtype=torch.float32)
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """float32 [B, C, h, w] latents -> float32 CPU [B, 3, h*vae_scale, w*vae_scale] images in [-1, 1]."""
+    def _vae_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model latents -> what ``vae.decode`` takes (un-scale, and un-normalise where the VAE has latents_mean/std)."""
         cfg = self.vae.config
         z = latents.to(device=self.device, dtype=torch.float32)
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
@@ -682,5 +780,44 @@ class Denoiser:
             z = z / cfg.scaling_factor
             if getattr(cfg, "shift_factor", None) is not None:
                 z = z + cfg.shift_factor
-        image = self.vae.decode(z, return_dict=False)[0]
+        return z
+
+    @torch.no_grad()
+    def group_norm_stats(self, latents: torch.Tensor, max_side: int = 64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-group (mean, var) of every decoder GroupNorm's input, for decoding `latents` in tiles that share them.
+
+        latents: float32 [1, C, h, w], the whole image.  The decoder runs once on the latent downsampled (area
+        average) so that its long side is at most `max_side` latents (no resampling when it already is), so memory
+        is bounded by `max_side`, not by the image.  Returns {GroupNorm name inside the VAE: (mean [G], var [G])},
+        CPU float32, biased variance like GroupNorm's; small and picklable.  Pass it to :meth:`decode`.
+        """
+        if latents.ndim != 4 or latents.shape[0] != 1:
+            raise ValueError(f"latents must be one whole image [1, C, h, w], got shape {tuple(latents.shape)}")
+        if int(max_side) < 1:
+            raise ValueError(f"max_side must be >= 1, got {max_side}")
+        h, w = latents.shape[-2:]
+        z = latents.to(device=self.device, dtype=torch.float32)
+        if max(h, w) > max_side:
+            f = max_side / max(h, w)
+            size = (max(1, min(max_side, round(h * f))), max(1, min(max_side, round(w * f))))
+            z = torch.nn.functional.interpolate(z, size=size, mode="area")
+        stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with _recording_group_norm_stats(_decoder_group_norms(self.vae), stats):
+            self.vae.decode(self._vae_input(z), return_dict=False)
+        return stats
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, norm_stats: dict | None = None) -> torch.Tensor:
+        """float32 [B, C, h, w] latents -> float32 CPU [B, 3, h*vae_scale, w*vae_scale] images in [-1, 1].
+
+        norm_stats: None, or :meth:`group_norm_stats` of the whole image these latents are tiles of: every decoder
+        GroupNorm then normalises with those statistics instead of the tile's own (same ones for every row), so
+        tiles decoded apart match in tone.
+        """
+        z = self._vae_input(latents)
+        if norm_stats is None:
+            image = self.vae.decode(z, return_dict=False)[0]
+        else:
+            with _shared_group_norm(_decoder_group_norms(self.vae), norm_stats):
+                image = self.vae.decode(z, return_dict=False)[0]
         return image.clamp(-1.0, 1.0).to(device="cpu", dtype=torch.float32)

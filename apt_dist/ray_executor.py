@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,6 +44,9 @@ class WorkerState:
     alive: bool = True
     dead: bool = False  # gone for good (ray.kill, restarts exhausted)
     in_flight: int = 0
+    lost_at: float = 0.0
+    next_ping: float = 0.0
+    pinging: bool = False
     patches: float = 0.0  # patch evaluations served (a guidance half counts 0.5)
     calls: int = 0
     busy_s: float = 0.0
@@ -161,7 +165,7 @@ class RayExecutor(Executor):
                 max_restarts=self.max_restarts,
                 max_task_retries=0,  # the driver re-queues lost units itself, onto any live worker
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            ).remote(self._spec, sim_row, self.worker_delay_s)
+            ).remote(self._spec, sim_row, self.worker_delay_s, max(1, int(self.cpus_per_worker)))
             self.workers.append(WorkerState(h, i))
         infos = ray.get([w.handle.info.remote() for w in self.workers])  # waits for every model to load
         for w, info in zip(self.workers, infos):
@@ -196,13 +200,22 @@ class RayExecutor(Executor):
     # ---- the per-timestep loop -----------------------------------------------------------
     def _run_units(self, timestep, units: list[WorkUnit], patches, crops):
         payloads = [_unit_payload(u, patches, crops) for u in units]
-        return self._dispatch(payloads, lambda h, batch: h.predict.remote([self._ctx_ref], timestep, batch),
+        outs = self._dispatch(payloads, lambda h, batch: h.predict.remote([self._ctx_ref], timestep, batch),
                               weights=[len(u.rows) / 2 for u in units], what=f"timestep {timestep}")
+        return [_as_tensor(o) for o in outs]
 
-    def _decode(self, tiles):
+    def _decode(self, tiles, norm_stats):
+        import ray
+
         arrays = [t.numpy() for t in tiles]
-        outs = self._dispatch(arrays, lambda h, batch: h.decode.remote(batch), weights=[0] * len(arrays), what="decode")
-        return [torch.from_numpy(np.array(o)) for o in outs]
+        stats_ref = ray.put(norm_stats)  # one copy in the object store, shared by every decode call
+        outs = self._dispatch(arrays, lambda h, batch: h.decode.remote(batch, stats_ref), weights=[0] * len(arrays), what="decode")
+        return [_as_tensor(o) for o in outs]
+
+    def _norm_stats(self, latent, max_side):
+        (stats,) = self._dispatch([latent.numpy()], lambda h, batch: h.group_norm_stats.remote(batch, max_side),
+                                  weights=[0], what="decode statistics")
+        return stats
 
     def _dispatch(self, items: list, submit, weights: list[float], what: str) -> list:
         """Run every item on some live worker; return results in item order."""
@@ -211,7 +224,6 @@ class RayExecutor(Executor):
         results: list = [None] * len(items)
         queue = deque(range(len(items)))
         in_flight: dict = {}  # ref -> (worker, [item indices])
-        waiting_since = None
         while queue or in_flight:
             live = [w for w in self.workers if w.alive]
             for w in live:
@@ -220,17 +232,13 @@ class RayExecutor(Executor):
                     idx = [queue.popleft() for _ in range(min(take, len(queue)))]
                     in_flight[submit(w.handle, [items[i] for i in idx])] = (w, idx)
                     w.in_flight += 1
-            if not live and not in_flight:
-                waiting_since = waiting_since or time.perf_counter()
-                if not self._pings or time.perf_counter() - waiting_since > self.worker_timeout_s:
-                    raise ClusterError(
-                        f"no live worker left during {what}: {sum(w.dead for w in self.workers)} of "
-                        f"{len(self.workers)} workers are gone and none came back within {self.worker_timeout_s:g} s"
-                    )
-            else:
-                waiting_since = None
-            refs = list(in_flight) + list(self._pings)
-            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            self._ping_lost_workers()
+            if not live and not in_flight and all(w.dead for w in self.workers):
+                raise ClusterError(
+                    f"no live worker left during {what}: all {len(self.workers)} workers are gone "
+                    f"(restarts exhausted, or not back within {self.worker_timeout_s:g} s)"
+                )
+            ready, _ = ray.wait(list(in_flight) + list(self._pings), num_returns=1, timeout=0.5)
             for ref in ready:
                 if ref in self._pings:
                     self._settle_ping(ref)
@@ -239,7 +247,7 @@ class RayExecutor(Executor):
                 w.in_flight -= 1
                 try:
                     outs, busy = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                except ray.exceptions.RayActorError as e:
                     self._lost(w, e, what, len(idx))
                     queue.extendleft(reversed(idx))
                     continue
@@ -251,26 +259,45 @@ class RayExecutor(Executor):
         return results
 
     def _lost(self, w: WorkerState, err: Exception, what: str, n: int) -> None:
+        if not w.alive:  # a second in-flight call of an already lost worker
+            self.stats.events.append(f"worker {w.index}: {n} more work unit(s) re-queued")
+            return
         w.alive = False
         w.losses += 1
+        w.lost_at = w.next_ping = time.perf_counter()
         self.stats.events.append(
             f"worker {w.index} (pid {w.info.get('pid')}, node {str(w.info.get('node_id'))[:8]}) lost during {what}: "
             f"{type(err).__name__}; {n} work unit(s) re-queued"
         )
-        # Pinging a restarting actor waits until Ray has restarted it (re-running __init__).
-        self._pings[w.handle.info.remote()] = w
+        if w.losses > self.max_restarts:
+            w.dead = True
+            self.stats.events.append(f"worker {w.index} is gone for good: it died {w.losses} time(s), max_restarts={self.max_restarts}")
+
+    def _ping_lost_workers(self) -> None:
+        """Ask each lost worker whether Ray has restarted it (a call to a restarting actor fails fast, so retry)."""
+        now = time.perf_counter()
+        for w in self.workers:
+            if w.alive or w.dead or w.pinging or now < w.next_ping:
+                continue
+            if now - w.lost_at > self.worker_timeout_s:
+                w.dead = True
+                self.stats.events.append(f"worker {w.index} is gone for good: not back within {self.worker_timeout_s:g} s")
+                continue
+            w.pinging = True
+            self._pings[w.handle.info.remote()] = w
 
     def _settle_ping(self, ref) -> None:
         import ray
 
         w = self._pings.pop(ref)
+        w.pinging = False
         try:
             w.info = ray.get(ref)
-            w.alive = True
-            self.stats.events.append(f"worker {w.index} is back (restarted by Ray, pid {w.info['pid']})")
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            w.dead = True
-            self.stats.events.append(f"worker {w.index} is gone for good: {type(e).__name__}")
+        except ray.exceptions.RayActorError:
+            w.next_ping = time.perf_counter() + 0.5
+            return
+        w.alive = True
+        self.stats.events.append(f"worker {w.index} is back (restarted by Ray, pid {w.info['pid']})")
 
     # ---- reporting ----------------------------------------------------------------------------
     def summary(self) -> dict:
@@ -298,3 +325,10 @@ def _unit_payload(unit: WorkUnit, patches, crops):
     local = {p: k for k, p in enumerate(uniq)}
     x = np.stack([patches[p].numpy() for p in uniq])
     return x, [(local[p], b) for p, b in unit.rows], [crops[p] for p in uniq]
+
+
+def _as_tensor(a: np.ndarray) -> torch.Tensor:
+    """Wrap a (read-only, zero-copy) reply without copying; the driver never writes into it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)

@@ -123,9 +123,12 @@ def render(
 
 
 def decode(latent: torch.Tensor, executor: Executor, config: RenderConfig, info) -> torch.Tensor:
+    """Tiled VAE decode: every tile normalised with the whole image's GroupNorm statistics, decoded with context."""
     tile = config.decode_tile or info.native_window
     overlap = config.decode_overlap if config.decode_overlap is not None else tile // 4
-    return decode_tiled(latent, executor.decode, tile, overlap, info.vae_scale)
+    context = config.decode_context if config.decode_context is not None else max(8, tile // 8)
+    stats = executor.norm_stats(latent, max(tile, 64))  # a bounded, downsampled whole-image pass
+    return decode_tiled(latent, lambda tiles: executor.decode(tiles, stats), tile, overlap, info.vae_scale, context)
 
 
 class _Sampler:

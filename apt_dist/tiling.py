@@ -30,17 +30,22 @@ def ramp(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
     return w
 
 
-def decode_tiled(latent: torch.Tensor, decode_fn, tile: int, overlap: int, scale: int) -> torch.Tensor:
+def decode_tiled(latent: torch.Tensor, decode_fn, tile: int, overlap: int, scale: int, context: int = 0) -> torch.Tensor:
     """Decode [1, C, h, w] latents to [1, 3, h*scale, w*scale] through `decode_fn(list of [C, th, tw]) -> list of [3, ...]`.
 
-    Each tile is weighted by a ramp that fades over the overlap on every side that has
-    a neighbour, and the weighted sum is divided by the summed weights, so seams blend
+    Each tile is decoded with up to `context` latents of its real surroundings (the
+    decoder's convolutions reach that far), which are cropped off again. Each tile is
+    then weighted by a ramp that fades over the overlap on every side that has a
+    neighbour, and the weighted sum is divided by the summed weights, so seams blend
     and the borders of the image keep full weight.
     """
     _, _, h, w = latent.shape
     tops, lefts = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     boxes = [(t, l, min(tile, h), min(tile, w)) for t in tops for l in lefts]
-    images = decode_fn([latent[0, :, t : t + th, l : l + tw] for t, l, th, tw in boxes])
+    margins = [(min(context, t), min(context, h - t - th), min(context, l), min(context, w - l - tw)) for t, l, th, tw in boxes]
+    padded = decode_fn([latent[0, :, t - mt : t + th + mb, l - ml : l + tw + mr] for (t, l, th, tw), (mt, mb, ml, mr) in zip(boxes, margins)])
+    images = [img[:, mt * scale : mt * scale + th * scale, ml * scale : ml * scale + tw * scale]
+              for img, (t, l, th, tw), (mt, mb, ml, mr) in zip(padded, boxes, margins)]
     out = torch.zeros(3, h * scale, w * scale, dtype=torch.float64)
     weight = torch.zeros(1, h * scale, w * scale, dtype=torch.float64)
     fade = overlap * scale

@@ -20,7 +20,8 @@ import numpy as np
 
 
 class UNetWorker:
-    def __init__(self, spec, simulate_seconds_per_row: float | None = None, extra_delay_s: float = 0.0):
+    def __init__(self, spec, simulate_seconds_per_row: float | None = None, extra_delay_s: float = 0.0,
+                 cpu_threads: int | None = None):
         self.spec = spec
         self.simulate = simulate_seconds_per_row
         self.extra_delay_s = extra_delay_s  # for fault-injection tests: keeps a call in flight a while
@@ -28,7 +29,14 @@ class UNetWorker:
         self._ctx = None
         self.denoiser = None
         if simulate_seconds_per_row is None:
+            import torch
+
             from .models import Denoiser
+
+            if cpu_threads and spec.device == "cpu":
+                # CPU float reductions depend on the intra-op thread count: pin it, so a CPU worker
+                # computes bit for bit what an in-process executor with as many threads computes.
+                torch.set_num_threads(cpu_threads)
 
             self.denoiser = Denoiser(spec)
 
@@ -69,11 +77,20 @@ class UNetWorker:
             time.sleep(self.extra_delay_s)
         return outs, time.perf_counter() - t0
 
-    def decode(self, tiles: list[np.ndarray]):
+    def decode(self, tiles: list[np.ndarray], norm_stats: dict | None):
         t0 = time.perf_counter()
         if self.simulate is not None:
             return [np.zeros((3, t.shape[1] * 8, t.shape[2] * 8), np.float32) for t in tiles], time.perf_counter() - t0
         import torch
 
-        outs = [self.denoiser.decode(torch.from_numpy(np.ascontiguousarray(t))[None])[0].numpy() for t in tiles]
+        outs = [self.denoiser.decode(torch.from_numpy(np.ascontiguousarray(t))[None], norm_stats=norm_stats)[0].numpy()
+                for t in tiles]
         return outs, time.perf_counter() - t0
+
+    def group_norm_stats(self, latents: list[np.ndarray], max_side: int):
+        t0 = time.perf_counter()
+        if self.simulate is not None:
+            return [{}], time.perf_counter() - t0
+        import torch
+
+        return [self.denoiser.group_norm_stats(torch.from_numpy(np.ascontiguousarray(latents[0])), max_side=max_side)], time.perf_counter() - t0

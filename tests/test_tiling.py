@@ -32,3 +32,21 @@ def test_tiled_identity_decode_reproduces_input():
     whole = up([latent[0]])[0][None]
     tiled = decode_tiled(latent, up, tile=16, overlap=4, scale=2)
     torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=0)
+
+
+def test_context_is_decoded_and_cropped_off():
+    """Tiles get real surroundings (up to `context`, less at the image border) and only their own part is kept."""
+    latent = torch.randn(1, 3, 30, 41)
+    seen = []
+
+    def up(tiles):
+        seen.extend(t.shape[1:] for t in tiles)
+        return [t.repeat_interleave(2, 1).repeat_interleave(2, 2) for t in tiles]
+
+    whole = up([latent[0]])[0][None]
+    seen.clear()
+    tiled = decode_tiled(latent, up, tile=16, overlap=4, scale=2, context=5)
+    torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=0)
+    expect_h = [16 + min(5, t) + min(5, 30 - t - 16) for t in tile_starts(30, 16, 4)]  # [21, 23, 21]
+    expect_w = [16 + min(5, l) + min(5, 41 - l - 16) for l in tile_starts(41, 16, 4)]
+    assert [tuple(x) for x in seen] == [(h, w) for h in expect_h for w in expect_w]
