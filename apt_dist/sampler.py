@@ -251,7 +251,7 @@ class _Sampler:
                 "try --dtype float32 or another seed"
             )
         if self.bar is not None:
-            self.bar.update(1)
             self.bar.set_postfix_str(f"patches {self.ex.stats.patch_evals}/{self.plan.unet_patch_evals}", refresh=False)
+            self.bar.update(1)
         if self.callback is not None:
             self.callback(phase.index, i, t)
