@@ -69,6 +69,7 @@ class RenderResult:
     patch_evals: int
     phase_images: list = field(default_factory=list)
     executor_summary: dict = field(default_factory=dict)
+    resumed_phases: int = 0  # phases taken from a checkpoint instead of rendered
 
 
 StepCallback = Callable[[int, int, int], None]  # (phase, step, timestep), after each step
@@ -79,11 +80,18 @@ def render(
     executor: Executor | None = None,
     callback: StepCallback | None = None,
     progress: bool = True,
+    checkpoint: str | None = None,
 ) -> RenderResult:
-    """Render `config`. `executor` defaults to an in-process one on `config.device`."""
+    """Render `config`. `executor` defaults to an in-process one on `config.device`.
+
+    With `checkpoint` (a file path), the state after each phase is written there, and a
+    render that finds a checkpoint of the same configuration resumes after its last phase.
+    """
+    from . import checkpoint as ckpt
     from .models import ModelSpec, encode_prompt, model_info
 
     config.validate()
+    resume = ckpt.load(checkpoint, config) if checkpoint else None
     t_start = time.perf_counter()
     spec = ModelSpec(config.model, config.dtype, config.device)
     info = model_info(spec)
@@ -96,7 +104,7 @@ def render(
         executor.start(
             RenderContext(spec, embeds, (config.height, config.width), config.guidance_scale, config.view_batch_size, config.split_guidance)
         )
-        sampler = _Sampler(config, plan, info, executor, callback, progress)
+        sampler = _Sampler(config, plan, info, executor, callback, progress, checkpoint, resume)
         latent, phase_latents = sampler.run()
         t_dec = time.perf_counter()
         image = to_pil(decode(latent, executor, config, info))
@@ -119,6 +127,7 @@ def render(
         patch_evals=sum(p.patch_evals for p in sampler.stats),
         phase_images=phase_images,
         executor_summary=summary,
+        resumed_phases=len(resume["latents"]) if resume else 0,
     )
 
 
@@ -132,9 +141,11 @@ def decode(latent: torch.Tensor, executor: Executor, config: RenderConfig, info)
 
 
 class _Sampler:
-    def __init__(self, config: RenderConfig, plan: Plan, info, executor: Executor, callback, progress: bool):
+    def __init__(self, config: RenderConfig, plan: Plan, info, executor: Executor, callback, progress: bool,
+                 checkpoint: str | None = None, resume: dict | None = None):
         self.cfg, self.plan, self.info, self.ex = config, plan, info, executor
         self.callback, self.progress = callback, progress
+        self.checkpoint, self.resume = checkpoint, resume
         self.gen = torch.Generator().manual_seed(config.seed)
         self.stats: list[PhaseStats] = []
         self.bar = None  # one progress bar over every step of every phase
@@ -148,7 +159,8 @@ class _Sampler:
         if self.progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=sum(p.steps for p in self.plan.phases), unit="step", dynamic_ncols=True)
+            done = len(self.resume["latents"]) if self.resume else 0
+            self.bar = tqdm(total=sum(p.steps for p in self.plan.phases[done:]), unit="step", dynamic_ncols=True)
         try:
             return self._run()
         finally:
@@ -156,9 +168,15 @@ class _Sampler:
                 self.bar.close()
 
     def _run(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        latents = []
+        from . import checkpoint as ckpt
+
+        latents: list[torch.Tensor] = []
         x = ref = None
-        for phase in self.plan.phases:
+        if self.resume:  # phases already done: their latents and the generator as it was after them
+            latents = list(self.resume["latents"])
+            x, ref = latents[-1], ReferenceStats.of(latents[0])
+            self.gen.set_state(self.resume["generator"])
+        for phase in self.plan.phases[len(latents):]:
             t0, ex0, ev0 = time.perf_counter(), self.ex.stats.seconds, self.ex.stats.patch_evals
             if phase.index == 1:
                 x = self.reference_phase(phase)
@@ -166,6 +184,8 @@ class _Sampler:
             else:
                 x = self.upscale_phase(phase, x, ref)
             latents.append(x)
+            if self.checkpoint:
+                ckpt.save(self.checkpoint, self.cfg, latents, self.gen)
             self.stats.append(
                 PhaseStats(phase.index, phase.width, phase.height, phase.steps, time.perf_counter() - t0,
                            self.ex.stats.seconds - ex0, self.ex.stats.patch_evals - ev0)
