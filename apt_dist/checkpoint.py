@@ -16,8 +16,8 @@ import torch
 
 from .config import ConfigError, RenderConfig
 
-# Fields that change the work but not the latents: a checkpoint stays valid across them.
-_NOT_IMAGE = {"save_phases", "decode_tile", "decode_overlap", "decode_context", "device", "view_batch_size"}
+# Fields that act after sampling (decoding, outputs): a checkpoint stays valid across them.
+_NOT_IMAGE = {"save_phases", "decode_tile", "decode_overlap", "decode_context"}
 VERSION = 1
 
 
