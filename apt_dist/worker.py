@@ -43,7 +43,12 @@ class UNetWorker:
     def info(self) -> dict:
         import ray
 
-        return {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+        out = {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+        if self.denoiser is not None and self.denoiser.device.type == "cuda":
+            import torch
+
+            out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.denoiser.device)
+        return out
 
     def _context(self, ctx_box):
         import ray
