@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import typing
 
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(r)
     r.add_argument("--out", default="apt-dist.png", help="output PNG path (written atomically)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--checkpoint", default=None,
+                   help="write the render's state here after every phase; if it exists (same settings), resume from it")
     g = r.add_argument_group("distributed (Ray)")
     g.add_argument("--workers", type=int, default=None, help="render on N Ray workers, one UNet replica each")
     g.add_argument("--address", default=None,
@@ -101,8 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seconds-per-patch", type=float, default=0.035, help="UNet time per patch with guidance (H100 SDXL: ~0.035)")
 
     b = sub.add_parser("bench", help="benchmarks; prints tables")
-    b.add_argument("what", choices=["phases"], help="phases: per-phase time, patch evaluations and driver share with tiny")
+    b.add_argument("what", choices=["phases", "overhead", "scaling", "workers"],
+                   help="phases: per-phase time, patch evaluations and driver share (in-process); "
+                        "overhead: driver + Ray transport ms per patch with a zero-cost UNet; "
+                        "scaling: simulated workers against the ideal and the per-step barrier bound; "
+                        "workers: in-process against CPU Ray workers, per core")
     _add_config_options(b)
+    from .bench import add_arguments as _add_bench_arguments
+
+    _add_bench_arguments(b)
     return p
 
 
@@ -115,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         if ns.command == "plan":
             return _plan(config, ns)
         if ns.command == "bench":
-            from .bench import bench_phases
+            from . import bench
 
-            return bench_phases(config)
+            names = {f.name for f in dataclasses.fields(RenderConfig)}
+            command = "apt-dist " + shlex.join(sys.argv[1:] if argv is None else argv)
+            return bench.run(ns.what, {k: v for k, v in vars(ns).items() if k in names}, ns, command)
     except ConfigError as e:
         print(f"apt-dist {ns.command}: error: {e}", file=sys.stderr)
         return 2
@@ -130,6 +142,13 @@ def _render(config: RenderConfig, ns) -> int:
     problem = check_output_path(ns.out)
     if problem:
         raise ConfigError("--out", problem)
+    if ns.checkpoint:
+        from .checkpoint import check_path, load
+
+        problem = check_path(ns.checkpoint)
+        if problem:
+            raise ConfigError("--checkpoint", problem)
+        load(ns.checkpoint, config)  # a checkpoint of another render is refused here, before any work
 
     executor = _executor_from_args(ns)
 
@@ -140,7 +159,7 @@ def _render(config: RenderConfig, ns) -> int:
     info = model_info(ModelSpec(config.model, config.dtype, config.device))
     build_plan(config, info.native_window, info.vae_scale)  # model-dependent checks, still before any weights
     try:
-        result = render(config, executor=executor, progress=not ns.no_progress)
+        result = render(config, executor=executor, progress=not ns.no_progress, checkpoint=ns.checkpoint)
     except RenderError as e:
         print(f"apt-dist render: error: {e}", file=sys.stderr)
         return 1
@@ -161,6 +180,7 @@ def _render(config: RenderConfig, ns) -> int:
         f"done in {result.seconds:.1f} s: {len(result.phases)} phases to {config.width}x{config.height}, "
         f"{result.patch_evals} UNet patch evaluations (x2 guidance branches), wrote {paths[0]}"
         + (f" and {len(paths) - 1} phase images" if len(paths) > 1 else "")
+        + (f" (resumed after phase {result.resumed_phases} from {ns.checkpoint})" if result.resumed_phases else "")
     )
     _print_workers(result.executor_summary)
     return 0

@@ -4,9 +4,10 @@ The driver keeps everything that decides the image (latents, generators, schedul
 fusion); workers only answer work units. Per timestep:
 
   1. the units (fixed by `executor.make_units`, never by the worker count) go into a queue;
-  2. a plain `ray.wait` loop keeps `calls_in_flight` calls per live worker, each call taking a
-     shrinking share of the queue (big calls first, single units at the end), so
-     workers stay busy without a slow worker holding the step's barrier for long;
+  2. the queue is shared out equally (contiguous runs, sizes differing by at most one) among the
+     idle live workers, one call each: units are equal work, so this meets the per-step
+     barrier bound with the fewest Ray calls (one per worker and step); a plain `ray.wait`
+     loop gathers the replies;
   3. a call that fails because its worker died puts its units back in the queue; the worker
      is pinged, and comes back into rotation if Ray restarts it (`max_restarts`);
   4. results are stored by unit index, so the order of arrival does not matter.
@@ -19,7 +20,6 @@ asked and what the cluster has.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 import warnings
@@ -71,7 +71,6 @@ class RayExecutor(Executor):
         placement_timeout_s: float = 120.0,
         worker_timeout_s: float = 300.0,
         max_restarts: int = 2,
-        calls_in_flight: int = 2,
         simulate_seconds_per_patch: float | None = None,
         worker_delay_s: float = 0.0,
         ray_init_kwargs: dict | None = None,
@@ -89,7 +88,6 @@ class RayExecutor(Executor):
         self.placement_timeout_s = placement_timeout_s
         self.worker_timeout_s = worker_timeout_s
         self.max_restarts = max_restarts
-        self.calls_in_flight = calls_in_flight
         self.simulate = simulate_seconds_per_patch
         self.worker_delay_s = worker_delay_s
         self.ray_init_kwargs = ray_init_kwargs or {}
@@ -100,6 +98,7 @@ class RayExecutor(Executor):
         self._ctx_ref = None
         self._pings: dict = {}
         self._render_t0 = 0.0
+        self._wire_dtype = np.float32
 
     # ---- lifecycle -----------------------------------------------------------------
     def start(self, context: RenderContext) -> None:
@@ -113,6 +112,9 @@ class RayExecutor(Executor):
             ray.init(address=address, **(kw | self.ray_init_kwargs))
             self._owns_ray = True
         worker_spec = self._worker_spec(context.model)
+        # A float16 UNet casts its input to float16 and its output is float16: sending both ways in
+        # float16 changes no value and halves the bytes. Other dtypes travel as float32.
+        self._wire_dtype = np.float16 if worker_spec.torch_dtype() == torch.float16 else np.float32
         if self.workers and worker_spec != self._spec:
             self._shutdown_workers()
         if not self.workers:
@@ -199,7 +201,7 @@ class RayExecutor(Executor):
 
     # ---- the per-timestep loop -----------------------------------------------------------
     def _run_units(self, timestep, units: list[WorkUnit], patches, crops):
-        payloads = [_unit_payload(u, patches, crops) for u in units]
+        payloads = [_unit_payload(u, patches, crops, self._wire_dtype) for u in units]
         outs = self._dispatch(payloads, lambda h, batch: h.predict.remote([self._ctx_ref], timestep, batch),
                               weights=[len(u.rows) / 2 for u in units], what=f"timestep {timestep}")
         return [_as_tensor(o) for o in outs]
@@ -226,12 +228,16 @@ class RayExecutor(Executor):
         in_flight: dict = {}  # ref -> (worker, [item indices])
         while queue or in_flight:
             live = [w for w in self.workers if w.alive]
-            for w in live:
-                while queue and w.in_flight < self.calls_in_flight:
-                    take = max(1, math.ceil(len(queue) / (len(live) * self.calls_in_flight)))
-                    idx = [queue.popleft() for _ in range(min(take, len(queue)))]
-                    in_flight[submit(w.handle, [items[i] for i in idx])] = (w, idx)
-                    w.in_flight += 1
+            idle = [w for w in live if w.in_flight == 0]
+            if queue and idle:
+                # Equal shares for the idle workers; what a lost worker leaves goes to the next idle ones.
+                n, k = len(queue), len(idle)
+                for j, w in enumerate(idle):
+                    take = n // k + (1 if j < n % k else 0)
+                    if take:
+                        idx = [queue.popleft() for _ in range(take)]
+                        in_flight[submit(w.handle, [items[i] for i in idx])] = (w, idx)
+                        w.in_flight += 1
             self._ping_lost_workers()
             if not live and not in_flight and all(w.dead for w in self.workers):
                 raise ClusterError(
@@ -319,11 +325,11 @@ class RayExecutor(Executor):
         return s
 
 
-def _unit_payload(unit: WorkUnit, patches, crops):
+def _unit_payload(unit: WorkUnit, patches, crops, dtype=np.float32):
     """(unique patches as one numpy array, rows re-indexed to them, their crops)."""
     uniq = unit.patches
     local = {p: k for k, p in enumerate(uniq)}
-    x = np.stack([patches[p].numpy() for p in uniq])
+    x = np.stack([patches[p].numpy() for p in uniq]).astype(dtype, copy=False)
     return x, [(local[p], b) for p, b in unit.rows], [crops[p] for p in uniq]
 
 

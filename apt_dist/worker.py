@@ -70,14 +70,16 @@ class UNetWorker:
         for x_unique, rows, crops in calls:
             if self.simulate is not None:
                 time.sleep(self.simulate * len(rows))
-                outs.append(np.zeros((len(rows),) + x_unique.shape[1:], dtype=np.float32))
+                outs.append(np.zeros((len(rows),) + x_unique.shape[1:], dtype=x_unique.dtype))
                 continue
             import torch
 
             idx = [p for p, _ in rows]
             x = torch.from_numpy(np.ascontiguousarray(x_unique[idx]))
             out = self.denoiser.predict(x, timestep, [tuple(crops[p]) for p in idx], [b for _, b in rows], ctx["embeds"], ctx["original_size"])
-            outs.append(out.numpy())
+            # Replies travel in the dtype the patches came in: float16 for a float16 UNet, whose
+            # outputs are float16 values anyway (lossless, half the bytes).
+            outs.append(out.numpy().astype(x_unique.dtype, copy=False))
         if self.extra_delay_s:
             time.sleep(self.extra_delay_s)
         return outs, time.perf_counter() - t0

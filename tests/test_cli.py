@@ -44,6 +44,7 @@ BAD = [
     (["--out", "/tmp"], "--out"),
     (["--out", "picture.jpg"], "--out"),
     (["--stride", "99"], "--stride"),
+    (["--checkpoint", "/no/such/dir/c.ckpt"], "--checkpoint"),
 ]
 
 

@@ -5,6 +5,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -110,3 +111,13 @@ def test_simulated_workers_render_the_plan():
         served = sum(w["patches"] for w in ex.summary()["workers"])
     assert r.patch_evals == r.plan.unet_patch_evals == 4 + 2 * 13
     assert served == pytest.approx(r.patch_evals)
+
+
+def test_float16_model_travels_in_float16_and_stays_bit_identical():
+    """A float16 UNet's inputs and outputs are float16 values: sending them as float16 changes nothing."""
+    cfg = small_config(dtype="float16", width=256, height=192)
+    reference = render(cfg, executor=InProcessExecutor(), progress=False)
+    with RayExecutor(num_workers=2, cpus_per_worker=THREADS) as ex:
+        r = render(cfg, executor=ex, progress=False)
+        assert ex._wire_dtype == np.float16
+    assert torch.equal(r.latent, reference.latent)

@@ -1,0 +1,68 @@
+"""Smoke tests of `apt-dist bench`: the benchmarks run on tiny configs and their tables have the right columns.
+
+No timing assertions: the numbers depend on the machine and its load.
+"""
+
+import json
+
+import pytest
+
+from apt_dist import bench
+from apt_dist.cli import main
+from apt_dist.config import RenderConfig
+
+
+def test_bench_phases_table():
+    t = bench.bench_phases(RenderConfig(width=256, height=192, steps=2), warmup=False)
+    assert t.columns == ["phase", "size", "steps", "wall s", "patch evals", "UNet s", "ms/patch", "driver share"]
+    assert [r[0] for r in t.rows] == [1, 2, "decode", "setup", "total"]
+    assert t.rows[-1][4] == t.data["patch_evals"] == 22
+    text, md = t.text(), t.markdown()
+    assert "driver share" in text and md.count("\n|") == 2 + len(t.rows)
+
+
+def test_bench_cli_writes_json_and_markdown(tmp_path, capsys):
+    js, md = tmp_path / "p.json", tmp_path / "p.md"
+    argv = ["bench", "phases", "--steps", "2", "--width", "256", "--height", "192", "--no-warmup",
+            "--json", str(js), "--markdown", str(md)]
+    assert main(argv) == 0
+    assert "bench phases" in capsys.readouterr().out
+    doc = json.loads(js.read_text())
+    assert doc["benchmark"] == "phases" and doc["config"]["steps"] == 2 and doc["machine"]["nproc"] >= 1
+    assert md.read_text().startswith("`apt-dist bench phases --steps 2")
+
+
+def test_bench_config_defaults_and_workers_option():
+    cfg = bench.config_for("scaling", {"steps": 4})
+    assert (cfg.model, cfg.width, cfg.height, cfg.steps) == ("sdxl-random", 4096, 4096, 4)
+    assert bench.parse_workers(None, "scaling") == [1, 2, 4, 8, 16]
+    assert bench.parse_workers("1,3", "workers") == [1, 3]
+    assert main(["bench", "scaling", "--workers", "0,2"]) == 2
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # the benchmarks reuse it
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_bench_overhead_one_worker(ray_local):
+    t = bench.bench_overhead(RenderConfig(model="sdxl-random", width=1024, height=1024, steps=2), workers=1, repeats=1)
+    assert t.columns == ["executor", "workers", "patch evals", "seconds", "ms/patch (driver+transport)",
+                         "ms/patch (driver only)", "transport share"]
+    assert [r[0] for r in t.rows] == ["in-process zeros", "Ray, simulated 0 s"]
+    assert t.rows[1][2] == 2
+
+
+@pytest.mark.ray
+def test_bench_scaling_and_workers_tiny(ray_local):
+    t = bench.bench_scaling(RenderConfig(model="sdxl-random", width=2048, height=2048, steps=2), [2], 0.001)
+    assert [r[0] for r in t.rows] == [2]
+    assert {"wall s", "ideal s", "eff vs ideal", "barrier s", "bound eff", "wall vs bound", "bound eff (whole patches)"} <= set(t.columns)
+    w = bench.bench_workers(RenderConfig(width=256, height=192, steps=2), [1])
+    assert [r[0] for r in w.rows] == ["in-process", "Ray"]
+    assert w.rows[1][-1] is True  # bit-identical to the in-process render
