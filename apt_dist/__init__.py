@@ -10,17 +10,17 @@ Heavy modules (torch models, Ray) are imported lazily.
 __version__ = "0.1.0"
 
 __all__ = [
-    "RenderConfig",
     "ConfigError",
-    "render",
-    "RenderResult",
-    "RenderError",
-    "plan",
-    "Plan",
     "Executor",
     "InProcessExecutor",
+    "Plan",
     "RayExecutor",
+    "RenderConfig",
+    "RenderError",
+    "RenderResult",
     "__version__",
+    "plan",
+    "render",
 ]
 
 _LAZY = {

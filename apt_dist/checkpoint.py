@@ -9,12 +9,12 @@ them and gives the same image, bit for bit, as an uninterrupted render.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError, RenderConfig
+from .outputs import write_atomic
 
 # Fields that act after sampling (decoding, outputs): a checkpoint stays valid across them.
 _NOT_IMAGE = {"save_phases", "decode_tile", "decode_overlap", "decode_context"}
@@ -30,17 +30,7 @@ def save(path: str | os.PathLike, config: RenderConfig, latents: list[torch.Tens
     path = Path(path)
     state = {"version": VERSION, "config": image_fields(config), "latents": [z.clone() for z in latents],
              "generator": generator.get_state()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load(path: str | os.PathLike, config: RenderConfig) -> dict | None:

@@ -95,7 +95,7 @@ class RenderConfig:
         return float(self.eta[usable[-1] if usable else keys[0]])
 
     # ---- validation ------------------------------------------------------------
-    def validate(self) -> "RenderConfig":
+    def validate(self) -> RenderConfig:
         """Raise ConfigError for the first bad option; cheap, loads nothing."""
         for name in ("width", "height"):
             v = getattr(self, name)
@@ -168,7 +168,7 @@ class RenderConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RenderConfig":
+    def from_dict(cls, d: dict) -> RenderConfig:
         d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
         if "eta" in d:
             d["eta"] = {int(k): float(v) for k, v in d["eta"].items()}

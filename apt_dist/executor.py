@@ -74,8 +74,8 @@ def combine_guidance(
 class RenderContext:
     """What a render sends to the executor once: the model, prompt embeddings, micro-conditioning."""
 
-    model: "object"  # models.ModelSpec
-    embeds: "object"  # models.PromptEmbeddings
+    model: object  # models.ModelSpec
+    embeds: object  # models.PromptEmbeddings
     original_size: tuple[int, int]  # (H, W) pixels of the final image
     guidance_scale: float
     view_batch_size: int = 1

@@ -25,7 +25,7 @@ class ReferenceStats:
     std: torch.Tensor  # scalar
 
     @classmethod
-    def of(cls, z: torch.Tensor) -> "ReferenceStats":
+    def of(cls, z: torch.Tensor) -> ReferenceStats:
         return cls(
             channel_mean=z.mean(dim=(0, 2, 3), keepdim=True),
             channel_std=z.std(dim=(0, 2, 3), keepdim=True),

@@ -24,8 +24,9 @@ import copy
 import functools
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,14 +36,14 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "BUILTIN_MODELS",
     "DTYPES",
-    "ModelSpec",
-    "check_model_name",
-    "ModelInfo",
-    "model_info",
-    "PromptEmbeddings",
-    "encode_prompt",
     "Denoiser",
+    "ModelInfo",
+    "ModelSpec",
+    "PromptEmbeddings",
     "build_tiny_pipeline",
+    "check_model_name",
+    "encode_prompt",
+    "model_info",
     "sdxl_unet_config",
     "sdxl_vae_config",
 ]
@@ -369,7 +370,7 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
 
 
 @functools.lru_cache(maxsize=1)
-def build_tiny_pipeline() -> "StableDiffusionXLPipeline":
+def build_tiny_pipeline() -> StableDiffusionXLPipeline:
     """The built-in 'tiny' model: SDXL architecture with small deterministic random weights, made in code.
 
     Cached per process: treat the returned pipeline as read-only (``copy.deepcopy`` its modules before changing
@@ -483,7 +484,7 @@ _DENOISER_COMPONENTS = ("unet", "vae")
 _ALL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
-def _single_file_pipeline(path: str, torch_dtype: torch.dtype, keep: tuple[str, ...]) -> "StableDiffusionXLPipeline":
+def _single_file_pipeline(path: str, torch_dtype: torch.dtype, keep: tuple[str, ...]) -> StableDiffusionXLPipeline:
     """StableDiffusionXLPipeline.from_single_file, skipping the components not in `keep` (passed as None)."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -491,7 +492,7 @@ def _single_file_pipeline(path: str, torch_dtype: torch.dtype, keep: tuple[str, 
     return StableDiffusionXLPipeline.from_single_file(path, torch_dtype=torch_dtype, **skip)
 
 
-def _text_pipeline(name: str) -> "StableDiffusionXLPipeline":
+def _text_pipeline(name: str) -> StableDiffusionXLPipeline:
     """A StableDiffusionXLPipeline holding only the text encoders and tokenizers of `name` (CPU, float32)."""
     if name == "tiny":
         # Wraps the cached tiny modules (cheap; follows build_tiny_pipeline's cache).  They are only run forward,
@@ -503,7 +504,7 @@ def _text_pipeline(name: str) -> "StableDiffusionXLPipeline":
 
 
 @functools.lru_cache(maxsize=2)
-def _loaded_text_pipeline(name: str) -> "StableDiffusionXLPipeline":
+def _loaded_text_pipeline(name: str) -> StableDiffusionXLPipeline:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if _is_single_file(name):
@@ -532,7 +533,7 @@ def _loaded_text_pipeline(name: str) -> "StableDiffusionXLPipeline":
     return _make_text_pipeline(components, force_zeros)
 
 
-def _make_text_pipeline(components: dict, force_zeros: bool) -> "StableDiffusionXLPipeline":
+def _make_text_pipeline(components: dict, force_zeros: bool) -> StableDiffusionXLPipeline:
     from diffusers import StableDiffusionXLPipeline
 
     for comp in ("text_encoder", "text_encoder_2"):

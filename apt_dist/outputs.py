@@ -29,16 +29,16 @@ def png_metadata(prompt: str, seed: int, config_json: str, extra: dict | None = 
     return info
 
 
-def save_png_atomic(image: Image.Image, path: str | os.PathLike, pnginfo: PngImagePlugin.PngInfo | None = None) -> Path:
-    """Write a PNG to a temporary file beside `path`, fsync it, then rename it into place.
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """Call `write(binary_file)` on a temporary file beside `path`, fsync it, then rename it into place.
 
-    A crash leaves either the old file or the new one, never half an image.
+    A crash leaves either the old file or the new one, never half of one.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=pnginfo)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -47,6 +47,10 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike, pnginfo: PngIma
             os.unlink(tmp)
         raise
     return path
+
+
+def save_png_atomic(image: Image.Image, path: str | os.PathLike, pnginfo: PngImagePlugin.PngInfo | None = None) -> Path:
+    return write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=pnginfo))
 
 
 def check_output_path(path: str | os.PathLike) -> str | None:

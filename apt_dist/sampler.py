@@ -21,8 +21,8 @@ the order their answers arrive in.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from .executor import Executor, InProcessExecutor, RenderContext
 from .geometry import crop_pixels, gaussian_blur, jitter_range, lattice_offsets, local_windows
 from .matching import ReferenceStats, standardize_to, statistical_matching
 from .outputs import to_pil
-from .plan import Plan, PhasePlan, build_plan
+from .plan import PhasePlan, Plan, build_plan
 from .tiling import decode_tiled
 
 
@@ -59,7 +59,7 @@ class PhaseStats:
 
 @dataclass
 class RenderResult:
-    image: "object"  # PIL.Image
+    image: object  # PIL.Image
     latent: torch.Tensor
     plan: Plan
     config: RenderConfig

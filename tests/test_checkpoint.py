@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from helpers import small_config
 
 from apt_dist import render
 from apt_dist.config import ConfigError
 from apt_dist.executor import InProcessExecutor
-
-from helpers import small_config
 
 
 class Crash(Exception):

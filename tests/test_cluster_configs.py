@@ -69,7 +69,7 @@ def test_the_schema_check_would_catch_a_typo():
 
 # ---- what matters for apt-dist ----------------------------------------------------------------
 
-GPU_INSTANCE = re.compile(r"^(g\d|p\d)", re.I)  # AWS GPU families: g4dn, g5, g6, p4d, p5, ...
+GPU_INSTANCE = re.compile(r"^(g\d|p\d)", re.IGNORECASE)  # AWS GPU families: g4dn, g5, g6, p4d, p5, ...
 
 
 def test_aws_head_is_cpu_only_and_workers_have_gpus():
@@ -158,4 +158,4 @@ def test_poster_renders_locally(tmp_path):
     with Image.open(out) as img:
         assert img.size == (256, 192)
         assert img.info["prompt"] == "a tiny lighthouse"
-    assert re.search(r"^\s+0\s+\w+\s+[\d.]+\s+\d+.*\blive$", r.stdout, re.M), r.stdout  # the per-worker table
+    assert re.search(r"^\s+0\s+\w+\s+[\d.]+\s+\d+.*\blive$", r.stdout, re.MULTILINE), r.stdout  # the per-worker table

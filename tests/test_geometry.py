@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from apt_dist.geometry import (
-    count_local_windows, crop_pixels, dilation_factor, gaussian_blur, jitter_range, lattice_offsets, local_windows, phase_shapes,
+    count_local_windows,
+    crop_pixels,
+    dilation_factor,
+    gaussian_blur,
+    jitter_range,
+    lattice_offsets,
+    local_windows,
+    phase_shapes,
 )
 
 

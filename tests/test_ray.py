@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import ray
 import torch
+from helpers import small_config
 
 from apt_dist import render
 from apt_dist.executor import InProcessExecutor
 from apt_dist.ray_executor import ClusterError, RayExecutor
-
-from helpers import small_config
 
 pytestmark = pytest.mark.ray
 

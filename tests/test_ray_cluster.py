@@ -3,13 +3,12 @@
 import pytest
 import ray
 import torch
+from helpers import small_config
 from ray.cluster_utils import Cluster
 
 from apt_dist import render
 from apt_dist.executor import InProcessExecutor
 from apt_dist.ray_executor import RayExecutor
-
-from helpers import small_config
 
 pytestmark = pytest.mark.ray
 

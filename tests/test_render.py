@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from helpers import small_config
 
 from apt_dist import RenderConfig, render
 from apt_dist.executor import InProcessExecutor
 from apt_dist.models import build_tiny_pipeline
 from apt_dist.sampler import RenderError
-
-from helpers import small_config
 
 
 @pytest.fixture(scope="module")
