@@ -329,7 +329,8 @@ def _unit_payload(unit: WorkUnit, patches, crops, dtype=np.float32):
     """(unique patches as one numpy array, rows re-indexed to them, their crops)."""
     uniq = unit.patches
     local = {p: k for k, p in enumerate(uniq)}
-    x = np.stack([patches[p].numpy() for p in uniq]).astype(dtype, copy=False)
+    # torch converts float32 -> float16 several times faster than numpy's astype.
+    x = torch.stack([patches[p] for p in uniq]).to(torch.float16 if dtype == np.float16 else torch.float32).numpy()
     return x, [(local[p], b) for p, b in unit.rows], [crops[p] for p in uniq]
 
 
