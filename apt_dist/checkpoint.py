@@ -50,13 +50,3 @@ def load(path: str | os.PathLike, config: RenderConfig) -> dict | None:
         raise ConfigError("--checkpoint", f"{str(path)!r} was written for another render (differs in: {', '.join(diff)}); "
                           "remove it or use another path")
     return state
-
-
-def check_path(path: str | os.PathLike) -> str | None:
-    p = Path(path)
-    if p.is_dir():
-        return f"{str(path)!r} is a directory"
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        return f"folder {str(parent)!r} does not exist"
-    return None

@@ -143,9 +143,10 @@ def _render(config: RenderConfig, ns) -> int:
     if problem:
         raise ConfigError("--out", problem)
     if ns.checkpoint:
-        from .checkpoint import check_path, load
+        from .checkpoint import load
+        from .outputs import check_writable_file
 
-        problem = check_path(ns.checkpoint)
+        problem = check_writable_file(ns.checkpoint)
         if problem:
             raise ConfigError("--checkpoint", problem)
         load(ns.checkpoint, config)  # a checkpoint of another render is refused here, before any work

@@ -55,9 +55,14 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike, pnginfo: PngIma
 
 def check_output_path(path: str | os.PathLike) -> str | None:
     """Why `path` cannot take the output PNG, or None when it can (checked before any work)."""
-    p = Path(path)
-    if p.suffix.lower() != ".png":
+    if Path(path).suffix.lower() != ".png":
         return f"must end in .png, got {str(path)!r}"
+    return check_writable_file(path)
+
+
+def check_writable_file(path: str | os.PathLike) -> str | None:
+    """Why a file cannot be written (atomically, beside itself) at `path`, or None when it can."""
+    p = Path(path)
     if p.is_dir():
         return f"{str(path)!r} is a directory"
     parent = p.parent if str(p.parent) else Path(".")

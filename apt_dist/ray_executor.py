@@ -257,11 +257,7 @@ class RayExecutor(Executor):
                     self._lost(w, e, what, len(idx))
                     queue.extendleft(reversed(idx))
                     continue
-                for i, o in zip(idx, outs):
-                    results[i] = o
-                w.calls += 1
-                w.busy_s += busy
-                w.patches += sum(weights[i] for i in idx)
+                _record(w, idx, outs, busy, results, weights)
         return results
 
     def _lost(self, w: WorkerState, err: Exception, what: str, n: int) -> None:
@@ -323,6 +319,15 @@ class RayExecutor(Executor):
             for w in self.workers
         ]
         return s
+
+
+def _record(w: WorkerState, idx: list[int], outs: list, busy: float, results: list, weights: list[float]) -> None:
+    """Store a call's replies by item index and credit its worker."""
+    for i, o in zip(idx, outs):
+        results[i] = o
+    w.calls += 1
+    w.busy_s += busy
+    w.patches += sum(weights[i] for i in idx)
 
 
 def _unit_payload(unit: WorkUnit, patches, crops, dtype=np.float32):

@@ -228,7 +228,7 @@ class _Sampler:
             # Local views: jittered windows of the zero-padded latent.
             xp = F.pad(x, (jr, jr, jr, jr))
             windows = local_windows(h, w, n, self.plan.stride, self.gen if cfg.jitter else None)
-            local_in = [xp[0, :, win.slices()[0], win.slices()[1]] for win in windows]
+            local_in = [xp[(0, slice(None), *win.slices())] for win in windows]
             crops = [crop_pixels(win, jr, self.plan.vae_scale) for win in windows]
 
             # Dilated views: the UNet sees the blurred sub-lattices, re-standardised to x.

@@ -27,7 +27,7 @@ import ray
 from apt_dist.bench import machine, sampling_seconds
 from apt_dist.config import RenderConfig
 from apt_dist.plan import plan
-from apt_dist.ray_executor import RayExecutor
+from apt_dist.ray_executor import RayExecutor, _record
 from apt_dist.sampler import render
 
 
@@ -74,11 +74,7 @@ class CountingExecutor(RayExecutor):
                 w, idx = in_flight.pop(ref)
                 w.in_flight -= 1
                 outs, busy = ray.get(ref)
-                for i, o in zip(idx, outs):
-                    results[i] = o
-                w.calls += 1
-                w.busy_s += busy
-                w.patches += sum(weights[i] for i in idx)
+                _record(w, idx, outs, busy, results, weights)
         return results
 
 
