@@ -116,15 +116,30 @@ def crop_pixels(window: Window, pad: int, vae_scale: int) -> tuple[int, int]:
     return max(0, window.top - pad) * vae_scale, max(0, window.left - pad) * vae_scale
 
 
-def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Depthwise Gaussian blur of [B, C, H, W] (DemoFusion's kernel; edges replicated, not zero-padded)."""
-    if kernel_size <= 1:
-        return x
+def gaussian_kernel_1d(kernel_size: int, sigma: float) -> list[float]:
+    """DemoFusion's normalised Gaussian taps (computed in float64)."""
     coords = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    k2 = (g[:, None] * g[None, :]).to(x.dtype)
-    c = x.shape[1]
-    kernel = k2.expand(c, 1, kernel_size, kernel_size).contiguous()
+    return (g / g.sum()).tolist()
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """Gaussian blur of [B, C, H, W] per channel (DemoFusion's kernel; edges replicated, not zero-padded).
+
+    The 2-D kernel is separable, so this is two 1-D passes written as weighted sums of
+    shifted slices: the same result as DemoFusion's depthwise 2-D convolution (to float
+    rounding) at a tenth of its CPU cost, which matters on the driver every step.
+    """
+    if kernel_size <= 1:
+        return x
+    g = gaussian_kernel_1d(kernel_size, sigma)
     p = kernel_size // 2
-    return F.conv2d(F.pad(x, (p, p, p, p), mode="replicate"), kernel, groups=c)
+    height, width = x.shape[-2:]
+    xp = F.pad(x, (p, p, p, p), mode="replicate")
+    rows = xp[..., 0:height, :] * g[0]
+    for j in range(1, kernel_size):
+        rows.add_(xp[..., j : j + height, :], alpha=g[j])
+    out = rows[..., 0:width] * g[0]
+    for j in range(1, kernel_size):
+        out.add_(rows[..., j : j + width], alpha=g[j])
+    return out

@@ -8,6 +8,7 @@ from apt_dist.geometry import (
     crop_pixels,
     dilation_factor,
     gaussian_blur,
+    gaussian_kernel_1d,
     jitter_range,
     lattice_offsets,
     local_windows,
@@ -92,3 +93,16 @@ def test_gaussian_blur_keeps_constants_and_smooths():
     y = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     assert gaussian_blur(y, 5, 1.0).std() < y.std()
     assert torch.equal(gaussian_blur(y, 1, 1.0), y)
+
+
+@pytest.mark.parametrize("kernel_size,sigma", [(3, 0.8), (7, 1.5), (5, 0.3)])
+def test_gaussian_blur_equals_demofusions_depthwise_2d_convolution(kernel_size, sigma):
+    """DemoFusion blurs with a 2-D depthwise kernel (outer product of the 1-D taps); ours is separable."""
+    import torch.nn.functional as F
+
+    x = torch.randn(1, 4, 37, 29, generator=torch.Generator().manual_seed(1))
+    g = torch.tensor(gaussian_kernel_1d(kernel_size, sigma), dtype=torch.float64)
+    k2 = (g[:, None] * g[None, :]).to(torch.float32).expand(4, 1, kernel_size, kernel_size).contiguous()
+    p = kernel_size // 2
+    expected = F.conv2d(F.pad(x, (p, p, p, p), mode="replicate"), k2, groups=4)
+    torch.testing.assert_close(gaussian_blur(x, kernel_size, sigma), expected, rtol=0, atol=1e-6)
