@@ -103,8 +103,9 @@ class ZeroExecutor(Executor):
     def start(self, context: RenderContext) -> None:
         super().start(context)
 
-    def _run_units(self, timestep, units, patches, crops):
-        return [torch.zeros((len(u.rows),) + tuple(patches[u.rows[0][0]].shape)) for u in units]
+    def _run_units(self, timestep, units, patches, crops, deliver):
+        for k, u in enumerate(units):
+            deliver(k, torch.zeros((len(u.rows),) + tuple(patches[u.rows[0][0]].shape)))
 
     def _decode(self, tiles, norm_stats):
         return [torch.zeros(3, t.shape[1] * 8, t.shape[2] * 8) for t in tiles]

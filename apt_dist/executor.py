@@ -54,20 +54,50 @@ def make_units(shapes: list[tuple[int, ...]], batch_size: int, split_guidance: b
     return units
 
 
-def combine_guidance(
-    units: list[WorkUnit], outputs: list[torch.Tensor], num_patches: int, guidance_scale: float
-) -> list[torch.Tensor]:
-    """Guided eps per patch: uncond + g * (cond - uncond), from each unit's raw rows."""
-    branch: list[list[torch.Tensor | None]] = [[None, None] for _ in range(num_patches)]
-    for unit, out in zip(units, outputs):
-        for row, (p, b) in enumerate(unit.rows):
-            branch[p][b] = out[row].to(torch.float32)
-    guided = []
-    for p, (u, c) in enumerate(branch):
-        if u is None or c is None:
-            raise RuntimeError(f"patch {p} is missing a guidance branch: a work unit was lost")
-        guided.append(u + guidance_scale * (c - u))
-    return guided
+def guide(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance in float32: uncond + g * (cond - uncond)."""
+    u, c = uncond.to(torch.float32), cond.to(torch.float32)
+    return u + guidance_scale * (c - u)
+
+
+class Guidance:
+    """Collects raw unit outputs in any order; as soon as a patch has both branches, guides it.
+
+    Each patch is guided (and handed to `then`) on its own, so the result does not depend
+    on which units arrive together or in what order: that is what keeps images identical
+    across executors and worker counts while letting a remote executor overlap this work
+    with the UNet calls still running.
+    """
+
+    def __init__(self, units: list[WorkUnit], num_patches: int, guidance_scale: float, then=None):
+        self.units, self.scale, self.then = units, guidance_scale, then
+        self._branches: list[list[torch.Tensor | None]] = [[None, None] for _ in range(num_patches)]
+        self.results: list = [None] * num_patches
+        self._delivered = [False] * len(units)
+        self.then_seconds = 0.0  # time spent in `then` (the caller's work, not the executor's)
+
+    def deliver(self, unit_index: int, out: torch.Tensor) -> None:
+        """Raw UNet output [rows, C, h, w] of units[unit_index]; each unit exactly once."""
+        if self._delivered[unit_index]:
+            raise RuntimeError(f"work unit {unit_index} delivered twice")
+        self._delivered[unit_index] = True
+        for row, (p, b) in enumerate(self.units[unit_index].rows):
+            pair = self._branches[p]
+            pair[b] = out[row]
+            if pair[0] is not None and pair[1] is not None:
+                eps = guide(pair[0], pair[1], self.scale)
+                self._branches[p] = [None, None]  # release the raw rows (they may be views of a reply)
+                if self.then is not None:
+                    t0 = time.perf_counter()
+                    eps = self.then(p, eps)
+                    self.then_seconds += time.perf_counter() - t0
+                self.results[p] = eps
+
+    def finish(self) -> list:
+        missing = [i for i, d in enumerate(self._delivered) if not d]
+        if missing:
+            raise RuntimeError(f"work unit(s) {missing[:5]} never delivered: a work unit was lost")
+        return self.results
 
 
 @dataclass
@@ -88,7 +118,7 @@ class ExecutorStats:
     unet_calls: int = 0  # work units run
     unet_rows: int = 0  # UNet batch rows (2 per patch)
     decode_tiles: int = 0
-    seconds: float = 0.0  # wall time inside predict()
+    seconds: float = 0.0  # wall time inside predict(), less the caller's `then` work
     events: list[str] = field(default_factory=list)  # worker losses, retries, ...
 
 
@@ -104,19 +134,25 @@ class Executor(ABC):
         self.context = context
         self.stats = ExecutorStats()
 
-    def predict(self, timestep: int, patches: list[torch.Tensor], crops: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Guided noise predictions for `patches` ([C, h, w] float32 model inputs) at `timestep`."""
+    def predict(self, timestep: int, patches: list[torch.Tensor], crops: list[tuple[int, int]], then=None) -> list:
+        """Guided noise predictions for `patches` ([C, h, w] float32 model inputs) at `timestep`.
+
+        With `then`, each patch's prediction is passed through `then(patch_index, eps)` as soon
+        as it is ready (in any order), and its results are returned instead: the caller's
+        per-patch work then overlaps with UNet calls that are still running.
+        """
         ctx = self.context
         assert ctx is not None, "Executor.start(context) must be called first"
         t0 = time.perf_counter()
         units = make_units([tuple(p.shape) for p in patches], ctx.view_batch_size, ctx.split_guidance)
-        outputs = self._run_units(timestep, units, patches, crops)
-        guided = combine_guidance(units, outputs, len(patches), ctx.guidance_scale)
+        guidance = Guidance(units, len(patches), ctx.guidance_scale, then)
+        self._run_units(timestep, units, patches, crops, guidance.deliver)
+        results = guidance.finish()
         self.stats.patch_evals += len(patches)
         self.stats.unet_calls += len(units)
         self.stats.unet_rows += sum(len(u.rows) for u in units)
-        self.stats.seconds += time.perf_counter() - t0
-        return guided
+        self.stats.seconds += time.perf_counter() - t0 - guidance.then_seconds
+        return results
 
     def decode(self, tiles: list[torch.Tensor], norm_stats: dict | None = None) -> list[torch.Tensor]:
         """Decode latent tiles [C, h, w] to image tiles [3, 8h, 8w] in [-1, 1], all with the same GroupNorm statistics."""
@@ -129,9 +165,9 @@ class Executor(ABC):
 
     @abstractmethod
     def _run_units(
-        self, timestep: int, units: list[WorkUnit], patches: list[torch.Tensor], crops: list[tuple[int, int]]
-    ) -> list[torch.Tensor]:
-        """Raw UNet outputs, one [rows, C, h, w] tensor per unit, in unit order."""
+        self, timestep: int, units: list[WorkUnit], patches: list[torch.Tensor], crops: list[tuple[int, int]], deliver
+    ) -> None:
+        """Run every unit; call `deliver(unit_index, raw_output [rows, C, h, w])` once per unit, in any order."""
 
     @abstractmethod
     def _decode(self, tiles: list[torch.Tensor], norm_stats: dict | None) -> list[torch.Tensor]: ...
@@ -172,13 +208,11 @@ class InProcessExecutor(Executor):
 
             self._denoiser = Denoiser(context.model)
 
-    def _run_units(self, timestep, units, patches, crops):
+    def _run_units(self, timestep, units, patches, crops, deliver):
         ctx = self.context
-        outs = []
-        for unit in units:
+        for k, unit in enumerate(units):
             x, c, b = unit_batch(unit, patches, crops)
-            outs.append(self._denoiser.predict(x, timestep, c, b, ctx.embeds, ctx.original_size))
-        return outs
+            deliver(k, self._denoiser.predict(x, timestep, c, b, ctx.embeds, ctx.original_size))
 
     def _decode(self, tiles, norm_stats):
         return [self._denoiser.decode(t[None], norm_stats=norm_stats)[0] for t in tiles]

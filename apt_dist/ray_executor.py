@@ -10,7 +10,13 @@ fusion); workers only answer work units. Per timestep:
      loop gathers the replies;
   3. a call that fails because its worker died puts its units back in the queue; the worker
      is pinged, and comes back into rotation if Ray restarts it (`max_restarts`);
-  4. results are stored by unit index, so the order of arrival does not matter.
+  4. each reply is handed to the sampler as it arrives (guidance, then the scheduler step of
+     its patches, overlap the calls still running); nothing depends on the order of arrival.
+
+What travels: to workers on the driver's node, patches and predictions go through one
+reused shared-memory file (`shared_memory.py`) and a call carries only offsets; to workers
+on other nodes, each call carries its own patches as numpy arrays (Ray objects). Never the
+whole latent.
 
 All workers are reserved up front in a placement group; if the cluster cannot provide
 them within `placement_timeout_s`, `start` fails before any work, saying what was
@@ -29,7 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import shared_memory
 from .executor import Executor, RenderContext, WorkUnit
+from .worker import ContextMissing, UNetWorker
 
 
 class ClusterError(RuntimeError):
@@ -47,6 +55,7 @@ class WorkerState:
     lost_at: float = 0.0
     next_ping: float = 0.0
     pinging: bool = False
+    shared: bool = False  # on the driver's node and attached to its shared-memory file
     patches: float = 0.0  # patch evaluations served (a guidance half counts 0.5)
     calls: int = 0
     busy_s: float = 0.0
@@ -59,6 +68,8 @@ class RayExecutor(Executor):
     address: None starts a local Ray instance (or uses the one this process already
     initialised); "auto" or "HOST:PORT" joins a running cluster.
     gpus_per_worker: None means 1 when the cluster has GPUs, else 0 (CPU workers).
+    shared_memory: exchange patches with workers on the driver's node through /dev/shm
+    (False: Ray objects for every worker).
     """
 
     def __init__(
@@ -71,6 +82,7 @@ class RayExecutor(Executor):
         placement_timeout_s: float = 120.0,
         worker_timeout_s: float = 300.0,
         max_restarts: int = 2,
+        shared_memory: bool = True,
         simulate_seconds_per_patch: float | None = None,
         worker_delay_s: float = 0.0,
         ray_init_kwargs: dict | None = None,
@@ -88,6 +100,7 @@ class RayExecutor(Executor):
         self.placement_timeout_s = placement_timeout_s
         self.worker_timeout_s = worker_timeout_s
         self.max_restarts = max_restarts
+        self.shared_memory = shared_memory
         self.simulate = simulate_seconds_per_patch
         self.worker_delay_s = worker_delay_s
         self.ray_init_kwargs = ray_init_kwargs or {}
@@ -99,6 +112,7 @@ class RayExecutor(Executor):
         self._pings: dict = {}
         self._render_t0 = 0.0
         self._wire_dtype = np.float32
+        self._buf: shared_memory.SharedBuffer | None = None
 
     # ---- lifecycle -----------------------------------------------------------------
     def start(self, context: RenderContext) -> None:
@@ -123,8 +137,12 @@ class RayExecutor(Executor):
         for w in self.workers:
             w.patches = w.busy_s = 0.0
             w.calls = w.losses = 0
+        self._attach_shared_memory()
         ctx = {"embeds": context.embeds, "original_size": tuple(context.original_size)}
-        self._ctx_ref = ray.put(ctx)  # sent once; each worker resolves it on its first call
+        self._ctx_ref = ray.put(ctx)  # one copy in the object store; each worker fetches it once
+        for w in self.workers:
+            if w.alive:
+                w.handle.set_context.remote(self._ctx_ref)  # runs before any later call of this driver
         self._render_t0 = time.perf_counter()
 
     def _gpus(self) -> float:
@@ -142,7 +160,6 @@ class RayExecutor(Executor):
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from .worker import UNetWorker
 
         gpus = self._gpus()
         bundle = {"CPU": self.cpus_per_worker} | ({"GPU": gpus} if gpus > 0 else {})
@@ -166,6 +183,7 @@ class RayExecutor(Executor):
                 num_gpus=gpus,
                 max_restarts=self.max_restarts,
                 max_task_retries=0,  # the driver re-queues lost units itself, onto any live worker
+                enable_task_events=False,  # thousands of short calls: no per-call event reports to the GCS
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
             ).remote(self._spec, sim_row, self.worker_delay_s, max(1, int(self.cpus_per_worker)))
             self.workers.append(WorkerState(h, i))
@@ -173,9 +191,32 @@ class RayExecutor(Executor):
         for w, info in zip(self.workers, infos):
             w.info = info
 
+    def _attach_shared_memory(self) -> None:
+        """Workers on the driver's node that can map the driver's /dev/shm file use it from now on."""
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        local = [w for w in self.workers if w.alive and w.info.get("node_id") == here]
+        for w in self.workers:
+            w.shared = False
+        if not (self.shared_memory and local and shared_memory.available()):
+            return
+        if self._buf is None:
+            self._buf = shared_memory.SharedBuffer()
+        try:
+            self._buf.ensure(1 << 20)
+        except OSError as e:
+            self.stats.events.append(f"shared memory unavailable ({e}); patches travel as Ray objects")
+            return
+        for w, ok in zip(local, ray.get([w.handle.attach.remote(self._buf.path) for w in local])):
+            w.shared = ok
+
     def close(self) -> None:
         import ray
 
+        if self._buf is not None:
+            self._buf.close()
+            self._buf = None
         self._shutdown_workers()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
@@ -200,44 +241,57 @@ class RayExecutor(Executor):
             self._pg = None
 
     # ---- the per-timestep loop -----------------------------------------------------------
-    def _run_units(self, timestep, units: list[WorkUnit], patches, crops):
-        payloads = [_unit_payload(u, patches, crops, self._wire_dtype) for u in units]
-        outs = self._dispatch(payloads, lambda h, batch: h.predict.remote([self._ctx_ref], timestep, batch),
-                              weights=[len(u.rows) / 2 for u in units], what=f"timestep {timestep}")
-        return [_as_tensor(o) for o in outs]
+    def _run_units(self, timestep, units: list[WorkUnit], patches, crops, deliver):
+        staging = self._staging(units, patches)
+
+        def submit(w, idx):
+            return w.handle.predict.remote(timestep, [staging.message(k, crops, w.shared) for k in idx])
+
+        def receive(idx, outs):
+            for k, o in zip(idx, outs):
+                deliver(k, staging.output(k) if o is None else _as_tensor(o))
+
+        self._dispatch(len(units), submit, receive, weights=[len(u.rows) / 2 for u in units], what=f"timestep {timestep}")
+
+    def _staging(self, units, patches) -> _Staging:
+        buf = self._buf if any(w.shared and w.alive for w in self.workers) else None
+        try:
+            return _Staging(units, patches, self._wire_dtype, buf)
+        except OSError as e:  # /dev/shm full: this and later steps go through Ray's object store
+            self.stats.events.append(f"shared memory failed ({e}); patches travel as Ray objects from now on")
+            for w in self.workers:
+                w.shared = False
+            return _Staging(units, patches, self._wire_dtype, None)
 
     def _decode(self, tiles, norm_stats):
         import ray
 
         arrays = [t.numpy() for t in tiles]
+        results: list = [None] * len(arrays)
         stats_ref = ray.put(norm_stats)  # one copy in the object store, shared by every decode call
-        outs = self._dispatch(arrays, lambda h, batch: h.decode.remote(batch, stats_ref), weights=[0] * len(arrays), what="decode")
-        return [_as_tensor(o) for o in outs]
+        self._dispatch(len(arrays), lambda w, idx: w.handle.decode.remote([arrays[i] for i in idx], stats_ref),
+                       _store(results), weights=[0] * len(arrays), what="decode")
+        return [_as_tensor(o) for o in results]
 
     def _norm_stats(self, latent, max_side):
-        (stats,) = self._dispatch([latent.numpy()], lambda h, batch: h.group_norm_stats.remote(batch, max_side),
-                                  weights=[0], what="decode statistics")
-        return stats
+        results: list = [None]
+        self._dispatch(1, lambda w, idx: w.handle.group_norm_stats.remote([latent.numpy()], max_side),
+                       _store(results), weights=[0], what="decode statistics")
+        return results[0]
 
-    def _dispatch(self, items: list, submit, weights: list[float], what: str) -> list:
-        """Run every item on some live worker; return results in item order."""
+    def _dispatch(self, n: int, submit, receive, weights: list[float], what: str) -> None:
+        """Run items 0..n-1 on live workers: `submit(worker, indices)` -> ref; `receive(indices, outputs)` per reply."""
         import ray
 
-        results: list = [None] * len(items)
-        queue = deque(range(len(items)))
+        queue = deque(range(n))
         in_flight: dict = {}  # ref -> (worker, [item indices])
         while queue or in_flight:
             live = [w for w in self.workers if w.alive]
             idle = [w for w in live if w.in_flight == 0]
             if queue and idle:
-                # Equal shares for the idle workers; what a lost worker leaves goes to the next idle ones.
-                n, k = len(queue), len(idle)
-                for j, w in enumerate(idle):
-                    take = n // k + (1 if j < n % k else 0)
-                    if take:
-                        idx = [queue.popleft() for _ in range(take)]
-                        in_flight[submit(w.handle, [items[i] for i in idx])] = (w, idx)
-                        w.in_flight += 1
+                for w, idx in _shares(queue, idle):
+                    in_flight[submit(w, idx)] = (w, idx)
+                    w.in_flight += 1
             self._ping_lost_workers()
             if not live and not in_flight and all(w.dead for w in self.workers):
                 raise ClusterError(
@@ -257,8 +311,19 @@ class RayExecutor(Executor):
                     self._lost(w, e, what, len(idx))
                     queue.extendleft(reversed(idx))
                     continue
-                _record(w, idx, outs, busy, results, weights)
-        return results
+                except ray.exceptions.RayTaskError as e:
+                    if not isinstance(e.cause, ContextMissing):
+                        raise
+                    # Ray restarted this worker between two calls: send the context, run the units again.
+                    w.handle.set_context.remote(self._ctx_ref)
+                    self.stats.events.append(f"worker {w.index} was restarted by Ray between calls; context re-sent, "
+                                             f"{len(idx)} work unit(s) re-queued")
+                    queue.extendleft(reversed(idx))
+                    continue
+                receive(idx, outs)
+                w.calls += 1
+                w.busy_s += busy
+                w.patches += sum(weights[i] for i in idx)
 
     def _lost(self, w: WorkerState, err: Exception, what: str, n: int) -> None:
         if not w.alive:  # a second in-flight call of an already lost worker
@@ -298,6 +363,7 @@ class RayExecutor(Executor):
         except ray.exceptions.RayActorError:
             w.next_ping = time.perf_counter() + 0.5
             return
+        w.handle.set_context.remote(self._ctx_ref)  # a restarted actor has lost the render's context
         w.alive = True
         self.stats.events.append(f"worker {w.index} is back (restarted by Ray, pid {w.info['pid']})")
 
@@ -315,28 +381,83 @@ class RayExecutor(Executor):
                 "busy_s": round(w.busy_s, 3),
                 "idle_s": round(max(0.0, wall - w.busy_s), 3),
                 "state": "dead" if w.dead else ("live" if w.alive else "lost"),
+                "transport": "shared memory" if w.shared else "object store",
             }
             for w in self.workers
         ]
         return s
 
 
-def _record(w: WorkerState, idx: list[int], outs: list, busy: float, results: list, weights: list[float]) -> None:
-    """Store a call's replies by item index and credit its worker."""
-    for i, o in zip(idx, outs):
-        results[i] = o
-    w.calls += 1
-    w.busy_s += busy
-    w.patches += sum(weights[i] for i in idx)
+def _shares(queue: deque, idle: list[WorkerState]) -> list[tuple[WorkerState, list[int]]]:
+    """Share the queue out to the idle workers, one call each: equal contiguous shares.
+
+    Units are equal work, so shares that differ by at most one meet the per-step barrier
+    bound with the fewest calls; the larger shares go first, since they start first.
+    """
+    n, k = len(queue), len(idle)
+    calls = []
+    for j, w in enumerate(idle):
+        take = n // k + (1 if j < n % k else 0)
+        if take:
+            calls.append((w, [queue.popleft() for _ in range(take)]))
+    return calls
 
 
-def _unit_payload(unit: WorkUnit, patches, crops, dtype=np.float32):
-    """(unique patches as one numpy array, rows re-indexed to them, their crops)."""
-    uniq = unit.patches
-    local = {p: k for k, p in enumerate(uniq)}
-    # torch converts float32 -> float16 several times faster than numpy's astype.
-    x = torch.stack([patches[p] for p in uniq]).to(torch.float16 if dtype == np.float16 else torch.float32).numpy()
-    return x, [(local[p], b) for p, b in unit.rows], [crops[p] for p in uniq]
+def _store(results: list):
+    def receive(idx, outs):
+        for i, o in zip(idx, outs):
+            results[i] = o
+
+    return receive
+
+
+class _Staging:
+    """One timestep's patches, laid out for the workers.
+
+    In the shared buffer: every patch in patch order (a unit's patches are consecutive and of
+    one shape, so each unit reads one contiguous block), then every unit's output rows. A
+    patch is written just before the first call that needs it, so the first worker starts
+    before the last patch is converted. Workers without the buffer get numpy arrays.
+    """
+
+    def __init__(self, units: list[WorkUnit], patches, dtype, buf: shared_memory.SharedBuffer | None):
+        self.units, self.patches, self.dtype, self.buf = units, patches, np.dtype(dtype), buf
+        self.torch_dtype = torch.float16 if self.dtype == np.float16 else torch.float32
+        self.written = 0
+        if buf is None:
+            return
+        self.in_off, off = [], 0
+        for p in patches:
+            self.in_off.append(off)
+            off += shared_memory.nbytes(tuple(p.shape), self.dtype)
+        self.out_off = []
+        for u in units:
+            self.out_off.append(off)
+            off += len(u.rows) * shared_memory.nbytes(tuple(patches[u.rows[0][0]].shape), self.dtype)
+        buf.ensure(off)
+
+    def message(self, k: int, crops, shared: bool):
+        """(inputs, rows re-indexed to the unit's own patches, their crops, where the output goes)."""
+        unit = self.units[k]
+        uniq = unit.patches
+        rows = [(p - uniq[0], b) for p, b in unit.rows]
+        unit_crops = [crops[p] for p in uniq]
+        shape = (len(uniq),) + tuple(self.patches[uniq[0]].shape)
+        if not (shared and self.buf is not None):
+            x = torch.stack([self.patches[p] for p in uniq]).to(self.torch_dtype).numpy()
+            return x, rows, unit_crops, None
+        while self.written <= uniq[-1]:
+            p = self.written
+            dst = self.buf.array(self.in_off[p], tuple(self.patches[p].shape), self.dtype)
+            torch.from_numpy(dst).copy_(self.patches[p])
+            self.written += 1
+        path = self.buf.path
+        return (path, self.in_off[uniq[0]], shape, self.dtype.str), rows, unit_crops, (path, self.out_off[k])
+
+    def output(self, k: int) -> torch.Tensor:
+        unit = self.units[k]
+        shape = (len(unit.rows),) + tuple(self.patches[unit.rows[0][0]].shape)
+        return torch.from_numpy(self.buf.array(self.out_off[k], shape, self.dtype))
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from . import schedules as S
 from .config import RenderConfig
 from .executor import Executor, InProcessExecutor, RenderContext
+from .fusion import WindowAverage
 from .geometry import crop_pixels, gaussian_blur, jitter_range, lattice_offsets, local_windows
 from .matching import ReferenceStats, standardize_to, statistical_matching
 from .outputs import to_pil
@@ -228,29 +229,34 @@ class _Sampler:
             # Local views: jittered windows of the zero-padded latent.
             xp = F.pad(x, (jr, jr, jr, jr))
             windows = local_windows(h, w, n, self.plan.stride, self.gen if cfg.jitter else None)
-            local_in = [xp[(0, slice(None), *win.slices())] for win in windows]
+            local_views = [xp[(0, slice(None), *win.slices())] for win in windows]
             crops = [crop_pixels(win, jr, self.plan.vae_scale) for win in windows]
 
-            # Dilated views: the UNet sees the blurred sub-lattices, re-standardised to x.
-            blurred = standardize_to(gaussian_blur(x, 2 * d - 1, cfg.sigma * c3), x.mean(), x.std())
-            dilated_in = [blurred[0, :, a::d, b::d] for a, b in offsets]
+            # Dilated views: the UNet sees the blurred sub-lattices, re-standardised to x; each
+            # UNBLURRED sub-lattice is then stepped with the prediction made from its blurred twin.
+            x_std, x_mean = torch.std_mean(x)
+            blurred = standardize_to(gaussian_blur(x, 2 * d - 1, cfg.sigma * c3), x_mean, x_std)
+            lattices = [x[0, :, a::d, b::d] for a, b in offsets]
 
-            model_in = [S.scale_model_input(sched, p, i) for p in local_in + dilated_in]
-            eps = self.ex.predict(t, model_in, crops + [(0, 0)] * len(offsets))
-            eps_local, eps_dilated = eps[: len(windows)], eps[len(windows) :]
+            # Model inputs are views of two scaled tensors (one op each, not one per view).
+            xp_in, blurred_in = S.scale_model_input(sched, xp, i), S.scale_model_input(sched, blurred, i)
+            model_in = [xp_in[(0, slice(None), *win.slices())] for win in windows]
+            model_in += [blurred_in[0, :, a::d, b::d] for a, b in offsets]
 
-            # Step every window, then average where they overlap.
-            value, count = torch.zeros_like(xp), torch.zeros_like(xp)
-            for win, p, e in zip(windows, local_in, eps_local):
-                ys, xs = win.slices()
-                value[0, :, ys, xs] += S.step(sched, p, e, i)
-                count[0, :, ys, xs] += 1
-            x_local = (value / count.clamp(min=1))[:, :, jr : jr + h, jr : jr + w]
-
-            # Step each UNBLURRED sub-lattice with the prediction made from its blurred twin.
+            # Each view is stepped as soon as its prediction is back, while other UNet calls still
+            # run: the windows are averaged where they overlap, the sub-lattices written in place.
+            average = WindowAverage(x.shape[1], *xp.shape[-2:], windows)
             x_dilated = torch.empty_like(x)
-            for (a, b), e in zip(offsets, eps_dilated):
-                x_dilated[0, :, a::d, b::d] = S.step(sched, x[0, :, a::d, b::d], e, i)
+
+            def then(k: int, eps: torch.Tensor) -> None:
+                if k < len(windows):
+                    average.add(k, S.step(sched, local_views[k], eps, i))
+                else:
+                    a, b = offsets[k - len(windows)]
+                    x_dilated[0, :, a::d, b::d] = S.step(sched, lattices[k - len(windows)], eps, i)
+
+            self.ex.predict(t, model_in, crops + [(0, 0)] * len(offsets), then=then)
+            x_local = average.result()[None, :, jr : jr + h, jr : jr + w]
 
             x = (1 - c2) * x_local + c2 * x_dilated
             self._check(x, phase, i, t)
@@ -265,7 +271,7 @@ class _Sampler:
         return range(phase.start_step, phase.start_step + phase.steps)
 
     def _check(self, x: torch.Tensor, phase: PhasePlan, i: int, t: int) -> None:
-        if not torch.isfinite(x).all():
+        if not torch.isfinite(x.sum()):  # a NaN or inf anywhere makes the sum one (latents never overflow it)
             raise RenderError(
                 f"non-finite latent (NaN or inf) in phase {phase.index} at step {i} (timestep {t}); "
                 "try --dtype float32 or another seed"
@@ -275,3 +281,4 @@ class _Sampler:
             self.bar.update(1)
         if self.callback is not None:
             self.callback(phase.index, i, t)
+

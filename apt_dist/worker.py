@@ -1,13 +1,15 @@
 """The Ray worker: one UNet replica (and the VAE) behind two methods, predict and decode.
 
-A small class on purpose. What travels: per call, the unique patches of the call's
-work units as numpy arrays plus their rows (patch, guidance branch) and crops; the
-render's prompt embeddings travel once per worker, as an object reference that the
-worker resolves on its first call of a render (again after a restart) and caches.
-The replies are numpy arrays, which Ray returns zero-copy.
+A small class on purpose. What travels: per call, for each work unit, its unique patches
+plus their rows (patch, guidance branch) and crops. On the driver's node the patches and
+the outputs live in the driver's shared-memory file and the call carries their offsets;
+elsewhere the patches come as numpy arrays and the outputs go back as numpy arrays
+(Ray returns those zero-copy). The render's prompt embeddings travel once per worker and
+render, in `set_context` (again after a restart), not with every call.
 
 `simulate_seconds_per_row` replaces the UNet by a sleep and zeros, for scheduling
-and overhead benchmarks: no torch model is built then.
+and overhead benchmarks: no torch model is built then. The sleeps run to deadlines, so
+a call of n rows takes n x the set time, without the oversleep of n separate sleeps.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ import time
 
 import numpy as np
 
+from .shared_memory import SharedViews
+
+
+class ContextMissing(RuntimeError):
+    """predict() on a worker that has no render context (Ray restarted it between two calls)."""
+
 
 class UNetWorker:
     def __init__(self, spec, simulate_seconds_per_row: float | None = None, extra_delay_s: float = 0.0,
@@ -25,8 +33,8 @@ class UNetWorker:
         self.spec = spec
         self.simulate = simulate_seconds_per_row
         self.extra_delay_s = extra_delay_s  # for fault-injection tests: keeps a call in flight a while
-        self._ctx_key = None
         self._ctx = None
+        self._shared = SharedViews()
         self.denoiser = None
         if simulate_seconds_per_row is None:
             import torch
@@ -50,36 +58,58 @@ class UNetWorker:
             out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.denoiser.device)
         return out
 
-    def _context(self, ctx_box):
-        import ray
+    def set_context(self, ctx: dict) -> None:
+        """The render's prompt embeddings and original size: sent once per render (and after a restart)."""
+        self._ctx = ctx
 
-        ref = ctx_box[0]
-        if self._ctx_key != ref.hex():
-            self._ctx = ray.get(ref)
-            self._ctx_key = ref.hex()
-        return self._ctx
+    def attach(self, path: str) -> bool:
+        """Can this worker map the driver's shared-memory file? (Same node, same /dev/shm.)"""
+        try:
+            self._shared.array(path, 0, (1,), np.uint8)
+            return True
+        except OSError:
+            return False
 
-    def predict(self, ctx_box: list, timestep: int, calls: list[tuple[np.ndarray, list, list, list]]):
-        """Run each (unique_patches [k,C,h,w], rows [(local_patch, branch)], crops [k]) as one UNet call.
+    def _array(self, ref) -> np.ndarray:
+        """A unit's inputs: a numpy array, or (path, offset, shape, dtype) in the driver's shared memory."""
+        if isinstance(ref, np.ndarray):
+            return ref
+        path, offset, shape, dtype = ref
+        return self._shared.array(path, offset, shape, dtype)
 
-        Returns ([outputs [rows,C,h,w] float32], busy seconds).
+    def predict(self, timestep: int, units: list[tuple]):
+        """Run each (patches [k,C,h,w], rows [(local_patch, branch)], crops [k], out) as one UNet call.
+
+        `out` None: the output [rows,C,h,w] is returned; else (path, offset): it is written there
+        and None is returned in its place. Returns ([outputs], busy seconds).
         """
         t0 = time.perf_counter()
-        ctx = self._context(ctx_box) if self.simulate is None else None
+        deadline = t0
+        ctx = self._ctx
+        if ctx is None and self.simulate is None:
+            raise ContextMissing("predict before set_context: this worker has no render context (restarted?)")
         outs = []
-        for x_unique, rows, crops in calls:
+        for x_ref, rows, crops, out_ref in units:
+            x = self._array(x_ref)
             if self.simulate is not None:
-                time.sleep(self.simulate * len(rows))
-                outs.append(np.zeros((len(rows),) + x_unique.shape[1:], dtype=x_unique.dtype))
-                continue
-            import torch
+                deadline += self.simulate * len(rows)
+                time.sleep(max(0.0, deadline - time.perf_counter()))
+                y = np.zeros((len(rows),) + x.shape[1:], dtype=x.dtype)
+            else:
+                import torch
 
-            idx = [p for p, _ in rows]
-            x = torch.from_numpy(np.ascontiguousarray(x_unique[idx]))
-            out = self.denoiser.predict(x, timestep, [tuple(crops[p]) for p in idx], [b for _, b in rows], ctx["embeds"], ctx["original_size"])
-            # Replies travel in the dtype the patches came in: float16 for a float16 UNet, whose
-            # outputs are float16 values anyway (lossless, half the bytes).
-            outs.append(out.numpy().astype(x_unique.dtype, copy=False))
+                idx = [p for p, _ in rows]
+                xt = torch.from_numpy(np.ascontiguousarray(x[idx]))
+                out = self.denoiser.predict(xt, timestep, [tuple(crops[p]) for p in idx], [b for _, b in rows],
+                                            ctx["embeds"], ctx["original_size"])
+                # Outputs travel in the dtype the patches came in: float16 for a float16 UNet, whose
+                # outputs are float16 values anyway (lossless, half the bytes).
+                y = out.numpy().astype(x.dtype, copy=False)
+            if out_ref is None:
+                outs.append(y)
+            else:
+                self._shared.array(out_ref[0], out_ref[1], y.shape, y.dtype)[...] = y
+                outs.append(None)
         if self.extra_delay_s:
             time.sleep(self.extra_delay_s)
         return outs, time.perf_counter() - t0

@@ -44,6 +44,24 @@ def test_bit_identical_to_in_process(workers, reference):
     assert sum(served) == pytest.approx(r.plan.unet_patch_evals)
     if workers > 1:
         assert sum(s > 0 for s in served) >= 2  # the work was really spread
+    assert {w["transport"] for w in summary["workers"]} == {"shared memory"}  # all on the driver's node
+
+
+def test_object_store_transport_is_bit_identical_too(reference):
+    """shared_memory=False: patches and predictions travel as Ray objects, as to workers on other nodes."""
+    with RayExecutor(num_workers=2, cpus_per_worker=THREADS, shared_memory=False) as ex:
+        r = render(small_config(), executor=ex, progress=False)
+        summary = ex.summary()
+    assert r.image.tobytes() == reference.image.tobytes()
+    assert {w["transport"] for w in summary["workers"]} == {"object store"}
+
+
+def test_shared_memory_file_is_removed_on_close():
+    with RayExecutor(num_workers=1, cpus_per_worker=THREADS) as ex:
+        render(small_config(steps=2, shortcut_steps=1), executor=ex, progress=False)
+        path = ex._buf.path
+        assert os.path.exists(path)
+    assert not os.path.exists(path)
 
 
 def _kill_later(action, delay=0.1):
@@ -79,6 +97,31 @@ def test_sigkill_of_the_only_worker_restarts_it_and_reruns_its_batch(reference):
     assert any("lost during timestep" in e for e in summary["events"]), summary
     assert any("is back" in e for e in summary["events"]), summary
     assert killed and summary["workers"][0]["pid"] != killed[0]
+
+
+def test_a_worker_restarted_between_two_calls_gets_the_context_again(reference):
+    """SIGKILL while idle: Ray restarts the actor before the next call, which finds no context; the driver re-sends it."""
+    with RayExecutor(num_workers=1, max_restarts=1, cpus_per_worker=THREADS) as ex:
+
+        def kill_and_wait_for_restart(phase, step, t):
+            if (phase, step) != (2, 3):
+                return
+            pid = ex.workers[0].info["pid"]
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                try:
+                    if ray.get(ex.workers[0].handle.info.remote(), timeout=5)["pid"] != pid:
+                        return
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    pass
+                time.sleep(0.2)
+            raise AssertionError("Ray did not restart the worker")
+
+        r = render(small_config(), executor=ex, progress=False, callback=kill_and_wait_for_restart)
+        events = ex.summary()["events"]
+    assert r.image.tobytes() == reference.image.tobytes()
+    assert any("restarted by Ray between calls; context re-sent" in e for e in events), events
 
 
 def test_no_worker_left_stops_with_a_clear_error():

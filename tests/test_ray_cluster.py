@@ -33,6 +33,8 @@ def test_workers_spread_over_three_nodes_give_the_same_image(three_nodes):
         workers = ex.summary()["workers"]
     assert len({w["node"] for w in workers}) == 3, workers
     assert all(w["patches"] > 0 for w in workers), workers
+    # The worker on the driver's (head) node exchanges patches through shared memory, the others through Ray.
+    assert sorted(w["transport"] for w in workers) == ["object store", "object store", "shared memory"], workers
     assert r.image.tobytes() == reference.image.tobytes()
 
 

@@ -1,0 +1,39 @@
+"""Fusing the stepped local views back into one latent: pure tensor code, no models, no Ray."""
+
+from __future__ import annotations
+
+import torch
+
+from .geometry import Window
+
+
+class WindowAverage:
+    """The average of overlapping windows, summed in window order whatever order they arrive in.
+
+    Float sums depend on their order, so adding windows as their predictions come back
+    from the workers would make the image depend on the workers. Here a window that
+    arrives early waits until every window before it is in; the work still overlaps the
+    UNet calls that are running, and the result is the same for every arrival order.
+    """
+
+    def __init__(self, channels: int, height: int, width: int, windows: list[Window]):
+        self.windows = windows
+        self.value = torch.zeros(channels, height, width)
+        self.count = torch.zeros(1, height, width)
+        self._pending: dict[int, torch.Tensor] = {}
+        self._next = 0
+
+    def add(self, k: int, view: torch.Tensor) -> None:
+        """Window k's values [C, h, w]."""
+        self._pending[k] = view
+        while self._next in self._pending:
+            ys, xs = self.windows[self._next].slices()
+            self.value[:, ys, xs] += self._pending.pop(self._next)
+            self.count[:, ys, xs] += 1
+            self._next += 1
+
+    def result(self) -> torch.Tensor:
+        """[C, H, W]: the average where windows cover, 0 elsewhere."""
+        if self._next != len(self.windows):
+            raise RuntimeError(f"window {self._next} of {len(self.windows)} never arrived")
+        return self.value / self.count.clamp(min=1)

@@ -1,0 +1,85 @@
+"""A/B of RayExecutor's data planes on the simulated 4096x4096 APT render, side by side in one run.
+
+  shared memory  patches and predictions through the driver's /dev/shm file, calls carry offsets
+  object store   every call's patches and replies as Ray objects (what workers on other nodes use)
+
+The same actors render both ways, alternating which goes first, so a noisy machine
+disturbs both alike. Usage:
+  python benchmarks/transport_ab.py --workers 8,16 --markdown benchmarks/results/transport_ab.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import ray
+
+from apt_dist.bench import machine, sampling_seconds
+from apt_dist.config import RenderConfig
+from apt_dist.plan import plan
+from apt_dist.ray_executor import RayExecutor
+from apt_dist.sampler import render
+
+MODES = {"shared memory": True, "object store": False}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--workers", default="8,16")
+    ap.add_argument("--seconds-per-patch", type=float, default=0.035)
+    ap.add_argument("--dtype", default="float16", help="model dtype: float16 patches travel as float16")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None)
+    args = ap.parse_args()
+    counts = [int(x) for x in args.workers.split(",")]
+    cfg = RenderConfig(model="sdxl-random", width=4096, height=4096, steps=args.steps, dtype=args.dtype)
+    p = plan(cfg)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=max(counts) + 2, include_dashboard=False, log_to_driver=False)
+    rows = []
+    try:
+        for k, n in enumerate(counts):
+            ex = RayExecutor(num_workers=n, simulate_seconds_per_patch=args.seconds_per_patch)
+            got = {}
+            try:
+                modes = list(MODES) if k % 2 == 0 else list(reversed(MODES))
+                for mode in modes:
+                    ex.shared_memory = MODES[mode]
+                    r = render(cfg, executor=ex, progress=False)
+                    used = {w["transport"] for w in ex.summary()["workers"]}
+                    assert used == {mode}, f"asked for {mode}, workers used {used}"
+                    got[mode] = {"wall_s": sampling_seconds(r), "phases_s": [round(x.seconds, 3) for x in r.phases]}
+            finally:
+                ex.close()
+            b = p.timing(n, args.seconds_per_patch)
+            rows.append({"workers": n, "barrier_s": b["barrier_s"], "ideal_s": b["ideal_s"]} | got)
+            print(f"{n:>3} workers, barrier bound {b['barrier_s']:6.2f} s: " + "  ".join(
+                f"{m} {got[m]['wall_s']:6.2f} s ({b['barrier_s'] / got[m]['wall_s']:.1%} of bound)" for m in MODES), flush=True)
+    finally:
+        ray.shutdown()
+    cmd = "python " + " ".join(sys.argv)
+    info = machine()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": cmd, "machine": info, "plan_patch_evals": p.unet_patch_evals, "rows": rows}, f, indent=2)
+    if args.markdown:
+        lines = [f"`{cmd}`", "", f"{info['date']}; nproc {info['nproc']}, {info['cpu']}", "",
+                 f"**RayExecutor data planes: sdxl-random 4096x4096 APT ({args.dtype}), {p.unet_patch_evals} patch evals, "
+                 f"simulated {1000 * args.seconds_per_patch:g} ms/patch, same actors, side by side**", "",
+                 "| workers | barrier bound s | ideal s | " + " | ".join(f"{m} s | {m} vs bound | {m} vs ideal" for m in MODES) + " |",
+                 "|---:|---:|---:|" + "---:|---:|---:|" * len(MODES)]
+        for r in rows:
+            lines.append(f"| {r['workers']} | {r['barrier_s']:.2f} | {r['ideal_s']:.2f} | " + " | ".join(
+                f"{r[m]['wall_s']:.2f} | {r['barrier_s'] / r[m]['wall_s']:.1%} | {r['ideal_s'] / r[m]['wall_s']:.1%}" for m in MODES) + " |")
+        lines += ["", "wall seconds of sampling; vs bound = barrier bound / wall; vs ideal = (patch time / workers) / wall"]
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Window averaging and guidance collection: results independent of the order of arrival."""
+
+import itertools
+
+import pytest
+import torch
+
+from apt_dist.executor import Guidance, guide, make_units
+from apt_dist.fusion import WindowAverage
+from apt_dist.geometry import Window
+
+
+def _windows():
+    return [Window(0, 0, 4, 4), Window(0, 2, 4, 4), Window(2, 1, 4, 4), Window(1, 1, 4, 4)]
+
+
+def test_window_average_is_bit_identical_for_every_arrival_order():
+    g = torch.Generator().manual_seed(0)
+    windows = _windows()
+    views = [torch.randn(3, 4, 4, generator=g) * 1e3 for _ in windows]  # large values: order would show
+    results = []
+    for order in itertools.permutations(range(len(windows))):
+        avg = WindowAverage(3, 7, 7, windows)
+        for k in order:
+            avg.add(k, views[k])
+        results.append(avg.result())
+    assert all(torch.equal(r, results[0]) for r in results)
+
+    value, count = torch.zeros(3, 7, 7), torch.zeros(1, 7, 7)
+    for win, v in zip(windows, views):
+        ys, xs = win.slices()
+        value[:, ys, xs] += v
+        count[:, ys, xs] += 1
+    assert torch.equal(results[0], value / count.clamp(min=1))
+    assert torch.equal(results[0][:, 6, :], torch.zeros(3, 7))  # row 6 is covered by no window
+
+
+def test_window_average_refuses_a_missing_window():
+    avg = WindowAverage(3, 6, 7, _windows())
+    avg.add(0, torch.ones(3, 4, 4))
+    avg.add(2, torch.ones(3, 4, 4))
+    with pytest.raises(RuntimeError, match="window 1 of 4 never arrived"):
+        avg.result()
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_guidance_gives_the_same_predictions_for_every_delivery_order(split):
+    g = torch.Generator().manual_seed(1)
+    shapes = [(4, 8, 8)] * 3 + [(4, 5, 6)] * 2
+    units = make_units(shapes, batch_size=2, split_guidance=split)
+    raw = {(p, b): torch.randn(shapes[p], generator=g) for p in range(len(shapes)) for b in (0, 1)}
+    outputs = [torch.stack([raw[row] for row in u.rows]) for u in units]
+    expected = [guide(raw[(p, 0)], raw[(p, 1)], 7.5) for p in range(len(shapes))]
+    for order in (range(len(units)), reversed(range(len(units))), [1, 0] + list(range(2, len(units)))):
+        seen = []
+        guidance = Guidance(units, len(shapes), 7.5, then=lambda p, eps: seen.append(p) or eps * 2)
+        for k in order:
+            guidance.deliver(k, outputs[k])
+        results = guidance.finish()
+        assert sorted(seen) == list(range(len(shapes)))  # `then` once per patch
+        assert all(torch.equal(r, 2 * e) for r, e in zip(results, expected))
+
+
+def test_guidance_refuses_lost_and_repeated_units():
+    units = make_units([(4, 8, 8)] * 2, batch_size=1, split_guidance=True)
+    guidance = Guidance(units, 2, 5.0)
+    guidance.deliver(0, torch.zeros(1, 4, 8, 8))
+    with pytest.raises(RuntimeError, match="delivered twice"):
+        guidance.deliver(0, torch.zeros(1, 4, 8, 8))
+    with pytest.raises(RuntimeError, match=r"work unit\(s\) \[1, 2, 3\] never delivered"):
+        guidance.finish()

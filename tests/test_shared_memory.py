@@ -1,0 +1,50 @@
+"""The driver's shared-memory file: grows, is unlinked, and workers see what the driver wrote."""
+
+import os
+
+import numpy as np
+import pytest
+
+from apt_dist import shared_memory as shm
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+
+
+def test_buffer_grows_into_a_new_file_and_unlinks_the_old_one():
+    buf = shm.SharedBuffer()
+    buf.ensure(1000)
+    first = buf.path
+    assert os.path.exists(first) and buf.size >= 1000
+    buf.ensure(buf.size)  # fits: same file
+    assert buf.path == first
+    buf.ensure(buf.size + 1)
+    assert buf.path != first and not os.path.exists(first) and os.path.exists(buf.path)
+    last = buf.path
+    buf.close()
+    assert not os.path.exists(last) and buf.path is None
+
+
+def test_worker_views_see_the_drivers_writes_and_the_driver_sees_theirs():
+    buf = shm.SharedBuffer()
+    try:
+        buf.ensure(1 << 16)
+        x = np.arange(24, dtype=np.float16).reshape(2, 3, 4)
+        buf.array(128, x.shape, x.dtype)[...] = x
+        views = shm.SharedViews()  # what a worker on this node holds
+        np.testing.assert_array_equal(views.array(buf.path, 128, x.shape, x.dtype.str), x)
+        views.array(buf.path, 4096, (5,), "<f4")[...] = 2.5
+        np.testing.assert_array_equal(buf.array(4096, (5,), np.float32), np.full(5, 2.5, np.float32))
+        assert shm.nbytes(x.shape, x.dtype) == 48
+    finally:
+        buf.close()
+
+
+def test_a_full_dev_shm_is_an_error_at_reservation_not_a_crash_later(tmp_path, monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    buf = shm.SharedBuffer(directory=str(tmp_path))
+    with pytest.raises(OSError, match="No space"):
+        buf.ensure(1 << 20)
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
