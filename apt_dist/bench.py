@@ -105,7 +105,7 @@ class ZeroExecutor(Executor):
 
     def _run_units(self, timestep, units, patches, crops, deliver):
         for k, u in enumerate(units):
-            deliver(k, torch.zeros((len(u.rows),) + tuple(patches[u.rows[0][0]].shape)))
+            deliver([k], [torch.zeros((len(u.rows),) + tuple(patches[u.rows[0][0]].shape))])
 
     def _decode(self, tiles, norm_stats):
         return [torch.zeros(3, t.shape[1] * 8, t.shape[2] * 8) for t in tiles]

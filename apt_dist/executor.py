@@ -63,10 +63,11 @@ def guide(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> to
 class Guidance:
     """Collects raw unit outputs in any order; as soon as a patch has both branches, guides it.
 
-    Each patch is guided (and handed to `then`) on its own, so the result does not depend
-    on which units arrive together or in what order: that is what keeps images identical
-    across executors and worker counts while letting a remote executor overlap this work
-    with the UNet calls still running.
+    The patches that one delivery (one reply) completes are guided, and handed to `then`,
+    together, a batch per patch shape: elementwise float ops give each element the same
+    result in a batch as alone, so the image does not depend on which units arrive
+    together or in what order. That keeps images identical across executors and worker
+    counts while a remote executor overlaps this work with the UNet calls still running.
     """
 
     def __init__(self, units: list[WorkUnit], num_patches: int, guidance_scale: float, then=None):
@@ -76,22 +77,34 @@ class Guidance:
         self._delivered = [False] * len(units)
         self.then_seconds = 0.0  # time spent in `then` (the caller's work, not the executor's)
 
-    def deliver(self, unit_index: int, out: torch.Tensor) -> None:
-        """Raw UNet output [rows, C, h, w] of units[unit_index]; each unit exactly once."""
-        if self._delivered[unit_index]:
-            raise RuntimeError(f"work unit {unit_index} delivered twice")
-        self._delivered[unit_index] = True
-        for row, (p, b) in enumerate(self.units[unit_index].rows):
-            pair = self._branches[p]
-            pair[b] = out[row]
-            if pair[0] is not None and pair[1] is not None:
-                eps = guide(pair[0], pair[1], self.scale)
+    def deliver(self, unit_indices: list[int], outputs: list[torch.Tensor]) -> None:
+        """Raw UNet outputs [rows, C, h, w] of some units (say, one reply); each unit exactly once."""
+        ready = []
+        for k, out in zip(unit_indices, outputs):
+            if self._delivered[k]:
+                raise RuntimeError(f"work unit {k} delivered twice")
+            self._delivered[k] = True
+            for row, (p, b) in enumerate(self.units[k].rows):
+                pair = self._branches[p]
+                pair[b] = out[row]
+                if pair[0] is not None and pair[1] is not None:
+                    ready.append(p)
+        by_shape: dict[tuple, list[int]] = {}
+        for p in ready:
+            by_shape.setdefault(tuple(self._branches[p][0].shape), []).append(p)
+        for ps in by_shape.values():
+            eps = guide(torch.stack([self._branches[p][0] for p in ps]), torch.stack([self._branches[p][1] for p in ps]),
+                        self.scale)
+            for p in ps:
                 self._branches[p] = [None, None]  # release the raw rows (they may be views of a reply)
-                if self.then is not None:
-                    t0 = time.perf_counter()
-                    eps = self.then(p, eps)
-                    self.then_seconds += time.perf_counter() - t0
-                self.results[p] = eps
+            if self.then is None:
+                out = list(eps)
+            else:
+                t0 = time.perf_counter()
+                out = self.then(ps, eps) or [None] * len(ps)
+                self.then_seconds += time.perf_counter() - t0
+            for p, r in zip(ps, out):
+                self.results[p] = r
 
     def finish(self) -> list:
         missing = [i for i, d in enumerate(self._delivered) if not d]
@@ -137,9 +150,10 @@ class Executor(ABC):
     def predict(self, timestep: int, patches: list[torch.Tensor], crops: list[tuple[int, int]], then=None) -> list:
         """Guided noise predictions for `patches` ([C, h, w] float32 model inputs) at `timestep`.
 
-        With `then`, each patch's prediction is passed through `then(patch_index, eps)` as soon
-        as it is ready (in any order), and its results are returned instead: the caller's
-        per-patch work then overlaps with UNet calls that are still running.
+        With `then`, predictions are handed to `then(patch_indices, eps [k, C, h, w])` as soon as
+        they are ready (in any order, in batches of one shape), and what it returns (a list,
+        one item per patch, or None) is returned instead: the caller's per-patch work then
+        overlaps with UNet calls that are still running.
         """
         ctx = self.context
         assert ctx is not None, "Executor.start(context) must be called first"
@@ -167,7 +181,7 @@ class Executor(ABC):
     def _run_units(
         self, timestep: int, units: list[WorkUnit], patches: list[torch.Tensor], crops: list[tuple[int, int]], deliver
     ) -> None:
-        """Run every unit; call `deliver(unit_index, raw_output [rows, C, h, w])` once per unit, in any order."""
+        """Run every unit; call `deliver(unit_indices, raw_outputs [rows, C, h, w])` once per unit, in any order."""
 
     @abstractmethod
     def _decode(self, tiles: list[torch.Tensor], norm_stats: dict | None) -> list[torch.Tensor]: ...
@@ -212,7 +226,7 @@ class InProcessExecutor(Executor):
         ctx = self.context
         for k, unit in enumerate(units):
             x, c, b = unit_batch(unit, patches, crops)
-            deliver(k, self._denoiser.predict(x, timestep, c, b, ctx.embeds, ctx.original_size))
+            deliver([k], [self._denoiser.predict(x, timestep, c, b, ctx.embeds, ctx.original_size)])
 
     def _decode(self, tiles, norm_stats):
         return [self._denoiser.decode(t[None], norm_stats=norm_stats)[0] for t in tiles]

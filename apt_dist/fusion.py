@@ -20,6 +20,9 @@ class WindowAverage:
         self.windows = windows
         self.value = torch.zeros(channels, height, width)
         self.count = torch.zeros(1, height, width)
+        for win in windows:  # known up front: counted before any window arrives
+            ys, xs = win.slices()
+            self.count[:, ys, xs] += 1
         self._pending: dict[int, torch.Tensor] = {}
         self._next = 0
 
@@ -29,7 +32,6 @@ class WindowAverage:
         while self._next in self._pending:
             ys, xs = self.windows[self._next].slices()
             self.value[:, ys, xs] += self._pending.pop(self._next)
-            self.count[:, ys, xs] += 1
             self._next += 1
 
     def result(self) -> torch.Tensor:

@@ -36,8 +36,10 @@ class ReferenceStats:
 
 def standardize_to(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, dims=None) -> torch.Tensor:
     """Shift and scale x so its mean/std over `dims` (all when None) become `mean`/`std`."""
-    x_std, x_mean = torch.std_mean(x) if dims is None else torch.std_mean(x, dim=dims, keepdim=True)
-    return (x - x_mean) / x_std * std + mean
+    # Two reductions, not torch.std_mean: on CPU that is several times slower than mean() and std().
+    if dims is None:
+        return (x - x.mean()) / x.std() * std + mean
+    return (x - x.mean(dim=dims, keepdim=True)) / x.std(dim=dims, keepdim=True) * std + mean
 
 
 def statistical_matching(z: torch.Tensor, ref: ReferenceStats, d: int, stats: str = "channel") -> torch.Tensor:

@@ -248,8 +248,7 @@ class RayExecutor(Executor):
             return w.handle.predict.remote(timestep, [staging.message(k, crops, w.shared) for k in idx])
 
         def receive(idx, outs):
-            for k, o in zip(idx, outs):
-                deliver(k, staging.output(k) if o is None else _as_tensor(o))
+            deliver(idx, [staging.output(k) if o is None else _as_tensor(o) for k, o in zip(idx, outs)])
 
         self._dispatch(len(units), submit, receive, weights=[len(u.rows) / 2 for u in units], what=f"timestep {timestep}")
 

@@ -234,8 +234,7 @@ class _Sampler:
 
             # Dilated views: the UNet sees the blurred sub-lattices, re-standardised to x; each
             # UNBLURRED sub-lattice is then stepped with the prediction made from its blurred twin.
-            x_std, x_mean = torch.std_mean(x)
-            blurred = standardize_to(gaussian_blur(x, 2 * d - 1, cfg.sigma * c3), x_mean, x_std)
+            blurred = standardize_to(gaussian_blur(x, 2 * d - 1, cfg.sigma * c3), x.mean(), x.std())
             lattices = [x[0, :, a::d, b::d] for a, b in offsets]
 
             # Model inputs are views of two scaled tensors (one op each, not one per view).
@@ -248,12 +247,19 @@ class _Sampler:
             average = WindowAverage(x.shape[1], *xp.shape[-2:], windows)
             x_dilated = torch.empty_like(x)
 
-            def then(k: int, eps: torch.Tensor) -> None:
-                if k < len(windows):
-                    average.add(k, S.step(sched, local_views[k], eps, i))
-                else:
-                    a, b = offsets[k - len(windows)]
-                    x_dilated[0, :, a::d, b::d] = S.step(sched, lattices[k - len(windows)], eps, i)
+            def then(ks: list[int], eps: torch.Tensor) -> None:  # a batch of views of one shape
+                nw = len(windows)
+                loc = [j for j, k in enumerate(ks) if k < nw]
+                if loc:
+                    views = torch.stack([local_views[ks[j]] for j in loc])
+                    for j, s in zip(loc, S.step(sched, views, eps if len(loc) == len(ks) else eps[loc], i)):
+                        average.add(ks[j], s)
+                dil = [j for j, k in enumerate(ks) if k >= nw]
+                if dil:
+                    subs = torch.stack([lattices[ks[j] - nw] for j in dil])
+                    for j, s in zip(dil, S.step(sched, subs, eps if len(dil) == len(ks) else eps[dil], i)):
+                        a, b = offsets[ks[j] - nw]
+                        x_dilated[0, :, a::d, b::d] = s
 
             self.ex.predict(t, model_in, crops + [(0, 0)] * len(offsets), then=then)
             x_local = average.result()[None, :, jr : jr + h, jr : jr + w]

@@ -44,6 +44,8 @@ class SharedBuffer:
         """
         if nbytes <= self.size:
             return
+        if self.path is None:
+            remove_stale(self.directory, self.prefix)
         size = max(nbytes, 2 * self.size, 1 << 20)
         size = (size + (1 << 20) - 1) & ~((1 << 20) - 1)
         path = os.path.join(self.directory, f"{self.prefix}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
@@ -70,6 +72,26 @@ class SharedBuffer:
                 pass
         # Views handed out keep the mapping alive until they are gone; no explicit close.
         self.path, self.size, self._mm = None, 0, None
+
+
+def remove_stale(directory: str = SHM_DIR, prefix: str = "apt-dist") -> list[str]:
+    """Unlink files left by drivers that died without closing (their pid is gone); returns them."""
+    removed = []
+    for name in os.listdir(directory):
+        parts = name.split("-")
+        if not name.startswith(prefix + "-") or len(parts) < 3 or not parts[-2].isdigit():
+            continue
+        try:
+            os.kill(int(parts[-2]), 0)  # raises if no such process
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+        except PermissionError:  # someone else's live process
+            pass
+    return removed
 
 
 class SharedViews:

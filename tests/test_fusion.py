@@ -51,21 +51,28 @@ def test_guidance_gives_the_same_predictions_for_every_delivery_order(split):
     raw = {(p, b): torch.randn(shapes[p], generator=g) for p in range(len(shapes)) for b in (0, 1)}
     outputs = [torch.stack([raw[row] for row in u.rows]) for u in units]
     expected = [guide(raw[(p, 0)], raw[(p, 1)], 7.5) for p in range(len(shapes))]
-    for order in (range(len(units)), reversed(range(len(units))), [1, 0] + list(range(2, len(units)))):
+    n = len(units)
+    one_by_one = [[k] for k in range(n)]
+    backwards = [[k] for k in reversed(range(n))]
+    all_at_once = [list(range(n))]
+    in_pairs = [[k, k + 1] for k in range(0, n - 1, 2)] + ([[n - 1]] if n % 2 else [])
+    scattered = [[n - 1, 0], list(range(1, n - 1))]
+    for deliveries in (one_by_one, backwards, all_at_once, in_pairs, scattered):
         seen = []
-        guidance = Guidance(units, len(shapes), 7.5, then=lambda p, eps: seen.append(p) or eps * 2)
-        for k in order:
-            guidance.deliver(k, outputs[k])
+        guidance = Guidance(units, len(shapes), 7.5, then=lambda ps, eps: seen.extend(ps) or list(eps * 2))
+        for ks in deliveries:
+            guidance.deliver(ks, [outputs[k] for k in ks])
         results = guidance.finish()
         assert sorted(seen) == list(range(len(shapes)))  # `then` once per patch
+        # Batched or one by one, every element gets the same float ops: bit-identical.
         assert all(torch.equal(r, 2 * e) for r, e in zip(results, expected))
 
 
 def test_guidance_refuses_lost_and_repeated_units():
     units = make_units([(4, 8, 8)] * 2, batch_size=1, split_guidance=True)
     guidance = Guidance(units, 2, 5.0)
-    guidance.deliver(0, torch.zeros(1, 4, 8, 8))
+    guidance.deliver([0], [torch.zeros(1, 4, 8, 8)])
     with pytest.raises(RuntimeError, match="delivered twice"):
-        guidance.deliver(0, torch.zeros(1, 4, 8, 8))
+        guidance.deliver([0], [torch.zeros(1, 4, 8, 8)])
     with pytest.raises(RuntimeError, match=r"work unit\(s\) \[1, 2, 3\] never delivered"):
         guidance.finish()

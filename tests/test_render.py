@@ -73,8 +73,8 @@ class NaNExecutor(InProcessExecutor):
     def predict(self, timestep, patches, crops, then=None):
         self.calls += 1
         if self.calls == self.at:  # poison patch 0's prediction on its way to the sampler
-            inner = then or (lambda k, eps: eps)
-            then = lambda k, eps: inner(k, eps * float("nan") if k == 0 else eps)  # noqa: E731
+            inner = then or (lambda ks, eps: list(eps))
+            then = lambda ks, eps: inner(ks, eps * float("nan") if 0 in ks else eps)  # noqa: E731
         return super().predict(timestep, patches, crops, then)
 
 

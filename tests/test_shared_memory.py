@@ -48,3 +48,19 @@ def test_a_full_dev_shm_is_an_error_at_reservation_not_a_crash_later(tmp_path, m
     with pytest.raises(OSError, match="No space"):
         buf.ensure(1 << 20)
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_files_of_dead_drivers_are_removed_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"apt-dist-{int(dead.stdout)}-0123456789ab"
+    live = tmp_path / f"apt-dist-{os.getpid()}-0123456789ab"
+    other = tmp_path / "something-else"
+    for f in (stale, live, other):
+        f.write_bytes(b"x")
+    buf = shm.SharedBuffer(directory=str(tmp_path))
+    buf.ensure(10)  # the first file of a driver sweeps up after dead ones
+    assert not stale.exists() and live.exists() and other.exists()
+    buf.close()
