@@ -262,7 +262,8 @@ def bench_scaling(config: RenderConfig, workers: list[int], seconds_per_patch: f
         _ray_shutdown(started)
     t.notes.append("wall s: sampling phases; eff vs ideal = ideal / wall; wall vs bound = barrier bound / wall")
     t.notes.append("in calls s: wall time inside executor.predict (dispatch, Ray transport, simulated UNet); "
-                   "calls vs bound = barrier bound / in calls; driver s = wall - in calls (cutting, stepping, fusing)")
+                   "calls vs bound = barrier bound / in calls; driver s = wall - in calls: the driver's own work (cutting, guiding, "
+                   "stepping, fusing), the guiding and stepping done while other workers still compute")
     t.notes.append(f"the same driver alone, in-process with a zero-cost UNet: {driver_s:.2f} s; "
                    "whole patches: the bound with split_guidance=False (not run); "
                    "worker busy: summed worker busy time / (workers x wall)")
