@@ -328,6 +328,9 @@ def add_arguments(b) -> None:
                    help="scaling: simulated UNet seconds per patch with guidance (H100 SDXL: ~0.035)")
     b.add_argument("--repeats", type=int, default=3, help="overhead: measured renders per executor (median)")
     b.add_argument("--no-warmup", action="store_true", help="phases: skip the warm-up render")
+    b.add_argument("--driver-threads", type=int, default=None,
+                   help="torch threads of the driver process (default: torch's own); on a box where the driver shares "
+                        "its cores with the workers, 1 leaves them a core")
 
 
 def config_for(what: str, overrides: dict) -> RenderConfig:
@@ -353,6 +356,13 @@ def run(what: str, overrides: dict, ns, command: str | None = None) -> int:
     """Run benchmark `what`, print its table, write --json / --markdown."""
     config = config_for(what, overrides)
     counts = parse_workers(getattr(ns, "workers", None), what)
+    threads = getattr(ns, "driver_threads", None)
+    if threads is not None:
+        from .config import ConfigError
+
+        if threads < 1:
+            raise ConfigError("--driver-threads", f"must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
     if what == "phases":
         table = bench_phases(config, warmup=not ns.no_warmup)
     elif what == "overhead":

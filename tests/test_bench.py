@@ -38,6 +38,7 @@ def test_bench_config_defaults_and_workers_option():
     assert bench.parse_workers(None, "scaling") == [1, 2, 4, 8, 16]
     assert bench.parse_workers("1,3", "workers") == [1, 3]
     assert main(["bench", "scaling", "--workers", "0,2"]) == 2
+    assert main(["bench", "scaling", "--driver-threads", "0"]) == 2
 
 
 @pytest.fixture(scope="module")
