@@ -67,3 +67,27 @@ def test_bench_scaling_and_workers_tiny(ray_local):
     w = bench.bench_workers(RenderConfig(width=256, height=192, steps=2), [1])
     assert [r[0] for r in w.rows] == ["in-process", "Ray"]
     assert w.rows[1][-1] is True  # bit-identical to the in-process render
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("script,args", [
+    ("transport_ab.py", ["--workers", "2"]),
+    ("step_timeline.py", ["--workers", "2", "--driver-threads", "1"]),
+])
+def test_benchmark_scripts_run_and_write_their_tables(script, args, tmp_path):
+    """The scripts in benchmarks/ start their own Ray instance: run each in a fresh process, tiny settings."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "table.md"
+    cmd = [sys.executable, str(root / "benchmarks" / script), "--steps", "4", "--seconds-per-patch", "0.001",
+           "--markdown", str(out), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ | {"RAY_USAGE_STATS_ENABLED": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = out.read_text()
+    assert table.startswith("`python ")
+    assert ("| workers |" in table) or ("| phase |" in table)
+    assert table.count("\n|") >= 3  # header, rule, at least one row
