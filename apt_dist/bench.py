@@ -378,9 +378,15 @@ def run(what: str, overrides: dict, ns, command: str | None = None) -> int:
         with open(ns.json_path, "w") as f:
             json.dump(doc, f, indent=2, default=str)
     if ns.markdown:
-        head = [f"`{command}`" if command else f"`apt-dist bench {what}`", "",
-                f"{info['date']}; nproc {info['nproc']}, {info['cpu']}; torch {info['torch']} "
-                f"({info['torch_threads']} threads), Python {info['python']}", ""]
-        with open(ns.markdown, "w") as f:
-            f.write("\n".join(head) + "\n" + table.markdown())
+        write_markdown(ns.markdown, table, command or f"apt-dist bench {what}", info)
     return 0
+
+
+def write_markdown(path: str, table: Table, command: str, info: dict | None = None) -> None:
+    """A results file: the command that made it, the machine, then the table."""
+    info = info or machine()
+    machine_line = (f"{info['date']}; nproc {info['nproc']}, {info['cpu']}; torch {info['torch']} "
+                    f"({info['torch_threads']} threads), Python {info['python']}")
+    head = [f"`{command}`", "", machine_line, ""]
+    with open(path, "w") as f:
+        f.write("\n".join(head) + "\n" + table.markdown())

@@ -19,7 +19,7 @@ import time
 import ray
 import torch
 
-from apt_dist.bench import machine
+from apt_dist.bench import Table, write_markdown
 from apt_dist.config import RenderConfig
 from apt_dist.plan import plan
 from apt_dist.ray_executor import RayExecutor
@@ -98,23 +98,16 @@ def main() -> int:
         end = med("end", max)
         rows.append([ph.index, f"{ph.width}x{ph.height}", units, bound, med("predict", min), med("submit", min),
                      med("submit", max), med("reply", min), med("reply", max), end, end - bound])
-    cols = ["phase", "size", "units/step", "bound ms", "before predict", "first submit", "last submit",
-            "first reply", "last reply", "step end", "over bound"]
-    print(f"{args.workers} workers, driver threads {torch.get_num_threads()}: medians per step, ms from the previous step's end")
-    print("  ".join(f"{c:>14}" for c in cols))
-    for r in rows:
-        print("  ".join(f"{v:>14.1f}" if isinstance(v, float) else f"{v!s:>14}" for v in r))
+    table = Table(
+        f"Per-step timeline, sdxl-random 4096x4096 APT, {args.workers} simulated workers at "
+        f"{1000 * args.seconds_per_patch:g} ms/patch, driver on {torch.get_num_threads()} torch thread(s): "
+        "medians per step, ms from the end of the previous step",
+        ["phase", "size", "units/step", "bound ms", "before predict", "first submit", "last submit",
+         "first reply", "last reply", "step end", "over bound"], rows,
+        ["bound ms: the barrier bound of one step (the largest share x the unit time); over bound: step end - bound"])
+    print(table.text())
     if args.markdown:
-        info = machine()
-        lines = [f"`python {' '.join(sys.argv)}`", "", f"{info['date']}; nproc {info['nproc']}, {info['cpu']}", "",
-                 f"**Per-step timeline, sdxl-random 4096x4096 APT, {args.workers} simulated workers at "
-                 f"{1000 * args.seconds_per_patch:g} ms/patch, driver on {torch.get_num_threads()} torch thread(s): "
-                 "medians per step, ms from the end of the previous step**", "",
-                 "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
-        lines += ["| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r) + " |" for r in rows]
-        lines += ["", "bound ms: the barrier bound of one step (the largest share x the unit time); over bound: step end - bound"]
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_markdown(args.markdown, table, "python " + " ".join(sys.argv))
     return 0
 
 

@@ -17,7 +17,7 @@ import sys
 
 import ray
 
-from apt_dist.bench import machine, sampling_seconds
+from apt_dist.bench import Table, _pct, machine, sampling_seconds, write_markdown
 from apt_dist.config import RenderConfig
 from apt_dist.plan import plan
 from apt_dist.ray_executor import RayExecutor
@@ -62,22 +62,20 @@ def main() -> int:
     finally:
         ray.shutdown()
     cmd = "python " + " ".join(sys.argv)
-    info = machine()
+    table = Table(
+        f"RayExecutor data planes: sdxl-random 4096x4096 APT ({args.dtype}), {p.unet_patch_evals} patch evals, "
+        f"simulated {1000 * args.seconds_per_patch:g} ms/patch, same actors, side by side",
+        ["workers", "barrier bound s", "ideal s"] + [f"{m} {c}" for m in MODES for c in ("s", "vs bound", "vs ideal")],
+        [[r["workers"], r["barrier_s"], r["ideal_s"]]
+         + [v for m in MODES for v in (r[m]["wall_s"], _pct(r["barrier_s"] / r[m]["wall_s"]), _pct(r["ideal_s"] / r[m]["wall_s"]))]
+         for r in rows],
+        ["wall seconds of sampling; vs bound = barrier bound / wall; vs ideal = (patch time / workers) / wall"])
+    print(table.text())
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": cmd, "machine": info, "plan_patch_evals": p.unet_patch_evals, "rows": rows}, f, indent=2)
+            json.dump({"command": cmd, "machine": machine(), "plan_patch_evals": p.unet_patch_evals, "rows": rows}, f, indent=2)
     if args.markdown:
-        lines = [f"`{cmd}`", "", f"{info['date']}; nproc {info['nproc']}, {info['cpu']}", "",
-                 f"**RayExecutor data planes: sdxl-random 4096x4096 APT ({args.dtype}), {p.unet_patch_evals} patch evals, "
-                 f"simulated {1000 * args.seconds_per_patch:g} ms/patch, same actors, side by side**", "",
-                 "| workers | barrier bound s | ideal s | " + " | ".join(f"{m} s | {m} vs bound | {m} vs ideal" for m in MODES) + " |",
-                 "|---:|---:|---:|" + "---:|---:|---:|" * len(MODES)]
-        for r in rows:
-            lines.append(f"| {r['workers']} | {r['barrier_s']:.2f} | {r['ideal_s']:.2f} | " + " | ".join(
-                f"{r[m]['wall_s']:.2f} | {r['barrier_s'] / r[m]['wall_s']:.1%} | {r['ideal_s'] / r[m]['wall_s']:.1%}" for m in MODES) + " |")
-        lines += ["", "wall seconds of sampling; vs bound = barrier bound / wall; vs ideal = (patch time / workers) / wall"]
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_markdown(args.markdown, table, cmd)
     return 0
 
 
