@@ -56,6 +56,24 @@ def test_object_store_transport_is_bit_identical_too(reference):
     assert {w["transport"] for w in summary["workers"]} == {"object store"}
 
 
+def test_a_full_dev_shm_falls_back_to_the_object_store(reference):
+    """If the shared-memory file cannot grow (ENOSPC), the render goes on through Ray objects, same image."""
+    with RayExecutor(num_workers=2, cpus_per_worker=THREADS) as ex:
+
+        def fill_dev_shm(phase, step, t):
+            def no_space(nbytes):
+                raise OSError(28, "No space left on device")
+
+            if (phase, step) == (1, 2):
+                ex._buf.ensure = no_space
+
+        r = render(small_config(), executor=ex, progress=False, callback=fill_dev_shm)
+        summary = ex.summary()
+    assert r.image.tobytes() == reference.image.tobytes()
+    assert any("shared memory failed" in e and "No space" in e for e in summary["events"]), summary["events"]
+    assert {w["transport"] for w in summary["workers"]} == {"object store"}
+
+
 def test_shared_memory_file_is_removed_on_close():
     with RayExecutor(num_workers=1, cpus_per_worker=THREADS) as ex:
         render(small_config(steps=2, shortcut_steps=1), executor=ex, progress=False)
