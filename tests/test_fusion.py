@@ -76,3 +76,21 @@ def test_guidance_refuses_lost_and_repeated_units():
         guidance.deliver([0], [torch.zeros(1, 4, 8, 8)])
     with pytest.raises(RuntimeError, match=r"work unit\(s\) \[1, 2, 3\] never delivered"):
         guidance.finish()
+
+
+def test_shares_are_equal_contiguous_and_long_ones_stream_a_tail():
+    from collections import deque
+
+    from apt_dist.ray_executor import STREAM_SHARE_UNITS, WorkerState, _shares
+
+    workers = [WorkerState(handle=None, index=i) for i in range(3)]
+    calls = _shares(deque(range(10)), workers)  # short shares: one call each, larger first
+    assert [(w.index, idx) for w, idx in calls] == [(0, [0, 1, 2, 3]), (1, [4, 5, 6]), (2, [7, 8, 9])]
+
+    n = 2 * STREAM_SHARE_UNITS + 1
+    calls = _shares(deque(range(n)), workers[:2])
+    assert [w.index for w, _ in calls] == [0, 1, 0, 1]  # every bulk first, then the tails
+    assert sorted(i for _, idx in calls for i in idx) == list(range(n))
+    (_, bulk0), (_, bulk1), (_, tail0), (_, tail1) = calls
+    assert bulk0 + tail0 == list(range(STREAM_SHARE_UNITS + 1)) and len(tail0) == (STREAM_SHARE_UNITS + 1) // 8
+    assert bulk1 + tail1 == list(range(STREAM_SHARE_UNITS + 1, n)) and len(tail1) == STREAM_SHARE_UNITS // 8
