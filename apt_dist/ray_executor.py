@@ -160,7 +160,6 @@ class RayExecutor(Executor):
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-
         gpus = self._gpus()
         bundle = {"CPU": self.cpus_per_worker} | ({"GPU": gpus} if gpus > 0 else {})
         pg = placement_group([dict(bundle) for _ in range(self.num_workers)], strategy=self.placement_strategy)

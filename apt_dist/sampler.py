@@ -244,21 +244,17 @@ class _Sampler:
 
             # Each view is stepped as soon as its prediction is back, while other UNet calls still
             # run: the windows are averaged where they overlap, the sub-lattices written in place.
+            stepped_from = local_views + lattices
             average = WindowAverage(x.shape[1], *xp.shape[-2:], windows)
             x_dilated = torch.empty_like(x)
 
             def then(ks: list[int], eps: torch.Tensor) -> None:  # a batch of views of one shape
-                nw = len(windows)
-                loc = [j for j, k in enumerate(ks) if k < nw]
-                if loc:
-                    views = torch.stack([local_views[ks[j]] for j in loc])
-                    for j, s in zip(loc, S.step(sched, views, eps if len(loc) == len(ks) else eps[loc], i)):
-                        average.add(ks[j], s)
-                dil = [j for j, k in enumerate(ks) if k >= nw]
-                if dil:
-                    subs = torch.stack([lattices[ks[j] - nw] for j in dil])
-                    for j, s in zip(dil, S.step(sched, subs, eps if len(dil) == len(ks) else eps[dil], i)):
-                        a, b = offsets[ks[j] - nw]
+                stepped = S.step(sched, torch.stack([stepped_from[k] for k in ks]), eps, i)
+                for k, s in zip(ks, stepped):
+                    if k < len(windows):
+                        average.add(k, s)
+                    else:
+                        a, b = offsets[k - len(windows)]
                         x_dilated[0, :, a::d, b::d] = s
 
             self.ex.predict(t, model_in, crops + [(0, 0)] * len(offsets), then=then)
@@ -287,4 +283,3 @@ class _Sampler:
             self.bar.update(1)
         if self.callback is not None:
             self.callback(phase.index, i, t)
-
