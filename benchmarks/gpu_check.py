@@ -8,6 +8,7 @@ sdxl-random (the real SDXL UNet and VAE, random weights) at 2048x2048 on one GPU
 Writes gpu_check.json and gpu_check.md to the folder given (default benchmarks/results).
 
     python benchmarks/gpu_check.py [OUT_DIR] [--steps 50] [--size 2048]
+    python benchmarks/gpu_check.py /tmp/dry --model tiny --device cpu --dtype float32 --size 384   # dry run, no GPU
 """
 
 import argparse
@@ -45,45 +46,68 @@ def main():
     ap.add_argument("out", nargs="?", default="benchmarks/results")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--model", default="sdxl-random")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16")
     a = ap.parse_args()
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    cuda = a.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        sys.exit("gpu_check: --device cuda needs a CUDA GPU (use --device cpu --model tiny for a dry run)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = dict(prompt="a lighthouse", width=a.size, height=a.size, steps=a.steps, model="sdxl-random", dtype="float16", device="cuda")
-    spec = ModelSpec("sdxl-random", "float16", "cuda")
-    t0 = time.perf_counter()
-    ex = InProcessExecutor(Denoiser(spec))
-    load_s = time.perf_counter() - t0
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model_build_s": round(load_s, 1), "runs": []}
-    run(RenderConfig(**base | {"steps": 2, "width": 1024, "height": 1024}), ex)  # warm-up: kernels, allocator
+    res = {"gpu": torch.cuda.get_device_name() if cuda else a.device, "torch": torch.__version__, "runs": []}
+    while True:
+        base = dict(prompt="a lighthouse", width=a.size, height=a.size, steps=a.steps, model=a.model, dtype=a.dtype, device=a.device)
+        warm = base | {"steps": 2, "width": a.size // 2, "height": a.size // 2}
+        t0 = time.perf_counter()
+        ex = InProcessExecutor(Denoiser(ModelSpec(a.model, a.dtype, a.device)))
+        res["model_build_s"] = round(time.perf_counter() - t0, 1)
+        try:
+            run(RenderConfig(**warm), ex)  # warm-up: kernels, allocator
+            break
+        except Exception as e:  # random weights may overflow float16; bfloat16 has float32's range
+            if a.dtype != "float16":
+                raise
+            print(f"float16 failed ({e}); again in bfloat16", flush=True)
+            res["float16_error"] = str(e)
+            a.dtype = "bfloat16"
+            del ex
+    res["dtype"] = a.dtype
     for method in ("apt", "demofusion"):
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         r = run(RenderConfig(**base | {"method": method}), ex)
         r["executor"] = "in-process"
-        r["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        r["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
         res["runs"].append(r)
         print(json.dumps(r), flush=True)
+        write(out, res, a)  # keep what ran, whatever comes next
     del ex
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
 
     from apt_dist.ray_executor import RayExecutor
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    with RayExecutor(num_workers=1, gpus_per_worker=1) as rex:
-        run(RenderConfig(**base | {"steps": 2, "width": 1024, "height": 1024}), rex)
+    with RayExecutor(num_workers=1, gpus_per_worker=1 if cuda else 0) as rex:
+        run(RenderConfig(**warm), rex)
         r = run(RenderConfig(**base), rex)
         r["executor"] = "ray, 1 worker"
         import ray
 
         info = ray.get(rex.workers[0].handle.info.remote())
-        r["peak_gpu_gib"] = round(info.get("peak_gpu_bytes", 0) / 2**30, 2)
+        r["peak_gpu_gib"] = round(info["peak_gpu_bytes"] / 2**30, 2) if "peak_gpu_bytes" in info else None
         inproc = res["runs"][0]["s_per_patch"]
         r["ray_overhead_share"] = round(1 - inproc / r["s_per_patch"], 3)
         res["runs"].append(r)
         print(json.dumps(r), flush=True)
+    write(out, res, a)
+    print((out / "gpu_check.md").read_text())
 
+
+def write(out, res, a):
     (out / "gpu_check.json").write_text(json.dumps(res, indent=2))
-    lines = [f"# GPU check: {res['gpu']}, sdxl-random fp16 {a.size}x{a.size}, {a.steps} steps", "",
+    lines = [f"# GPU check: {res['gpu']}, {a.model} {a.dtype} {a.size}x{a.size}, {a.steps} steps", "",
              f"command: `python benchmarks/gpu_check.py {' '.join(sys.argv[1:])}`", "",
              "| executor | method | patch evals | sampling s | s / patch | decode s | peak GPU GiB |", "|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
@@ -94,7 +118,6 @@ def main():
     if len(res["runs"]) > 2:
         lines.append(f"\nRay overhead share (1 worker vs in-process, apt): {res['runs'][2]['ray_overhead_share']:.1%}")
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

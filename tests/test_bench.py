@@ -91,3 +91,26 @@ def test_benchmark_scripts_run_and_write_their_tables(script, args, tmp_path):
     assert table.startswith("`python ")
     assert ("| workers |" in table) or ("| phase |" in table)
     assert table.count("\n|") >= 3  # header, rule, at least one row
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("script,table", [("view_batch.py", "view_batch.md"), ("gpu_check.py", "gpu_check.md")])
+def test_gpu_scripts_dry_run_on_the_cpu(script, table, tmp_path):
+    """The GPU scripts (run once on a lent GPU) also run on the CPU with `tiny`: a dry run before spending GPU time."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / script), str(tmp_path), "--model", "tiny", "--device", "cpu",
+           "--dtype", "float32", "--size", "256", "--steps", "2"] + (["--sizes", "1,2"] if script == "view_batch.py" else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ | {"RAY_USAGE_STATS_ENABLED": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    md = (tmp_path / table).read_text()
+    assert md.startswith("# ") and "command: `python benchmarks/" in md
+    data = json.loads((tmp_path / table.replace(".md", ".json")).read_text())
+    runs = data.get("runs") or data.get("rows")
+    assert len(runs) == (3 if script == "gpu_check.py" else 2)
+    assert all(r["s_per_patch"] > 0 for r in runs)
