@@ -220,10 +220,10 @@ def _print_workers(summary: dict) -> None:
         print(f"  event: {ev}")
     rows = summary.get("workers")
     if rows:
-        print(f"  {'worker':>6} {'node':>8} {'patches':>8} {'calls':>6} {'busy s':>8} {'idle s':>8}  {'state':<5}  patches via")
+        print(f"  {'worker':>6} {'node':>8} {'patches':>8} {'calls':>6} {'busy s':>8} {'idle s':>8}  {'state':<5}  {'calls via':<9}  patches via")
         for w in rows:
             print(f"  {w['worker']:>6} {w['node']:>8} {w['patches']:>8} {w['calls']:>6} {w['busy_s']:>8.2f} {w['idle_s']:>8.2f}  "
-                  f"{w['state']:<5}  {w['transport']}")
+                  f"{w['state']:<5}  {w.get('calls_via', 'ray'):<9}  {w['transport']}")
 
 
 def _plan(config: RenderConfig, ns) -> int:

@@ -14,9 +14,9 @@ fusion); workers only answer work units. Per timestep:
      its patches, overlap the calls still running); nothing depends on the order of arrival.
 
 What travels: to workers on the driver's node, patches and predictions go through one
-reused shared-memory file (`shared_memory.py`) and a call carries only offsets; to workers
-on other nodes, each call carries its own patches as numpy arrays (Ray objects). Never the
-whole latent.
+reused shared-memory file (`shared_memory.py`) and a call carries only offsets, over a Unix
+socket (`channel.py`) instead of a Ray call; to workers on other nodes, each Ray call
+carries its own patches as numpy arrays (Ray objects). Never the whole latent.
 
 All workers are reserved up front in a placement group; if the cluster cannot provide
 them within `placement_timeout_s`, `start` fails before any work, saying what was
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from collections import deque
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import shared_memory
+from . import channel, shared_memory
 from .executor import Executor, RenderContext, WorkUnit
 from .worker import ContextMissing, UNetWorker
 
@@ -56,6 +58,7 @@ class WorkerState:
     next_ping: float = 0.0
     pinging: bool = False
     shared: bool = False  # on the driver's node and attached to its shared-memory file
+    channel: channel.Channel | None = None  # direct calls (shared workers only)
     patches: float = 0.0  # patch evaluations served (a guidance half counts 0.5)
     calls: int = 0
     busy_s: float = 0.0
@@ -70,6 +73,8 @@ class RayExecutor(Executor):
     gpus_per_worker: None means 1 when the cluster has GPUs, else 0 (CPU workers).
     shared_memory: exchange patches with workers on the driver's node through /dev/shm
     (False: Ray objects for every worker).
+    direct_calls: call those workers over a Unix socket rather than through Ray
+    (False: every call is a Ray call).
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class RayExecutor(Executor):
         worker_timeout_s: float = 300.0,
         max_restarts: int = 2,
         shared_memory: bool = True,
+        direct_calls: bool = True,
         simulate_seconds_per_patch: float | None = None,
         worker_delay_s: float = 0.0,
         ray_init_kwargs: dict | None = None,
@@ -101,6 +107,7 @@ class RayExecutor(Executor):
         self.worker_timeout_s = worker_timeout_s
         self.max_restarts = max_restarts
         self.shared_memory = shared_memory
+        self.direct_calls = direct_calls
         self.simulate = simulate_seconds_per_patch
         self.worker_delay_s = worker_delay_s
         self.ray_init_kwargs = ray_init_kwargs or {}
@@ -113,6 +120,8 @@ class RayExecutor(Executor):
         self._render_t0 = 0.0
         self._wire_dtype = np.float32
         self._buf: shared_memory.SharedBuffer | None = None
+        self._channel_dir: str | None = None
+        self._channel_key = os.urandom(32)
 
     # ---- lifecycle -----------------------------------------------------------------
     def start(self, context: RenderContext) -> None:
@@ -137,12 +146,13 @@ class RayExecutor(Executor):
         for w in self.workers:
             w.patches = w.busy_s = 0.0
             w.calls = w.losses = 0
-        self._attach_shared_memory()
         ctx = {"embeds": context.embeds, "original_size": tuple(context.original_size)}
         self._ctx_ref = ray.put(ctx)  # one copy in the object store; each worker fetches it once
         for w in self.workers:
             if w.alive:
-                w.handle.set_context.remote(self._ctx_ref)  # runs before any later call of this driver
+                w.handle.set_context.remote(self._ctx_ref)  # runs before any later Ray call of this driver
+        # ...and so before the attach calls here return, hence before any call over a channel.
+        self._connect_local([w for w in self.workers if w.alive])
         self._render_t0 = time.perf_counter()
 
     def _gpus(self) -> float:
@@ -190,14 +200,14 @@ class RayExecutor(Executor):
         for w, info in zip(self.workers, infos):
             w.info = info
 
-    def _attach_shared_memory(self) -> None:
-        """Workers on the driver's node that can map the driver's /dev/shm file use it from now on."""
+    def _connect_local(self, workers: list[WorkerState]) -> None:
+        """Workers on the driver's node that can map its /dev/shm file use it from now on, called over a socket."""
         import ray
 
         here = ray.get_runtime_context().get_node_id()
-        local = [w for w in self.workers if w.alive and w.info.get("node_id") == here]
-        for w in self.workers:
+        for w in workers:
             w.shared = False
+        local = [w for w in workers if w.info.get("node_id") == here]
         if not (self.shared_memory and local and shared_memory.available()):
             return
         if self._buf is None:
@@ -209,6 +219,19 @@ class RayExecutor(Executor):
             return
         for w, ok in zip(local, ray.get([w.handle.attach.remote(self._buf.path) for w in local])):
             w.shared = ok
+        if not self.direct_calls:
+            return
+        if self._channel_dir is None:
+            self._channel_dir = tempfile.mkdtemp(prefix="apt-dist-")  # 0700: only this user reaches the sockets
+        todo = [w for w in local if w.shared and (w.channel is None or w.channel.closed)]
+        addresses = [os.path.join(self._channel_dir, f"w{w.index}.{w.info.get('pid')}") for w in todo]
+        opened = ray.get([w.handle.open_channel.remote(a, self._channel_key) for w, a in zip(todo, addresses)])
+        for w, a, ok in zip(todo, addresses, opened):
+            try:
+                w.channel = channel.Channel(a, self._channel_key, name=f"worker {w.index}") if ok else None
+            except OSError as e:
+                w.channel = None
+                self.stats.events.append(f"worker {w.index}: no direct channel ({e}); its calls go through Ray")
 
     def close(self) -> None:
         import ray
@@ -217,6 +240,9 @@ class RayExecutor(Executor):
             self._buf.close()
             self._buf = None
         self._shutdown_workers()
+        if self._channel_dir is not None:
+            shutil.rmtree(self._channel_dir, ignore_errors=True)
+            self._channel_dir = None
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False
@@ -226,6 +252,8 @@ class RayExecutor(Executor):
         from ray.util.placement_group import remove_placement_group
 
         for w in self.workers:
+            if w.channel is not None:
+                w.channel.close()
             try:
                 ray.kill(w.handle)
             except Exception:
@@ -244,7 +272,10 @@ class RayExecutor(Executor):
         staging = self._staging(units, patches)
 
         def submit(w, idx):
-            return w.handle.predict.remote(timestep, [staging.message(k, crops, w.shared) for k in idx])
+            messages = [staging.message(k, crops, w.shared) for k in idx]
+            if self.direct_calls and w.shared and w.channel is not None:
+                return w.channel.call(timestep, messages)
+            return w.handle.predict.remote(timestep, messages)
 
         def receive(idx, outs):
             deliver(idx, [staging.output(k) if o is None else _as_tensor(o) for k, o in zip(idx, outs)])
@@ -296,21 +327,20 @@ class RayExecutor(Executor):
                     f"no live worker left during {what}: all {len(self.workers)} workers are gone "
                     f"(restarts exhausted, or not back within {self.worker_timeout_s:g} s)"
                 )
-            ready, _ = ray.wait(list(in_flight) + list(self._pings), num_returns=1, timeout=0.5)
-            for ref in ready:
+            for ref in self._wait(list(in_flight)):
                 if ref in self._pings:
                     self._settle_ping(ref)
                     continue
                 w, idx = in_flight.pop(ref)
                 w.in_flight -= 1
                 try:
-                    outs, busy = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
+                    outs, busy = ref.result() if isinstance(ref, channel.Call) else ray.get(ref)
+                except (ray.exceptions.RayActorError, channel.ChannelClosed) as e:
                     self._lost(w, e, what, len(idx))
                     queue.extendleft(reversed(idx))
                     continue
-                except ray.exceptions.RayTaskError as e:
-                    if not isinstance(e.cause, ContextMissing):
+                except (ray.exceptions.RayTaskError, ContextMissing) as e:
+                    if not isinstance(e, ContextMissing) and not isinstance(e.cause, ContextMissing):
                         raise
                     # Ray restarted this worker between two calls: send the context, run the units again.
                     w.handle.set_context.remote(self._ctx_ref)
@@ -323,11 +353,26 @@ class RayExecutor(Executor):
                 w.busy_s += busy
                 w.patches += sum(weights[i] for i in idx)
 
+    def _wait(self, keys: list) -> list:
+        """Those of `keys` (Ray refs, channel calls) and of the pings that are done; the first within 0.5 s."""
+        import ray
+
+        calls = [k for k in keys if isinstance(k, channel.Call)]
+        refs = [k for k in keys if not isinstance(k, channel.Call)] + list(self._pings)
+        if not calls:
+            return ray.wait(refs, num_returns=1, timeout=0.5)[0]
+        if not refs:
+            return channel.wait(calls, timeout=0.5)
+        # Both kinds in flight (workers on other nodes too, or a ping): poll both, 2 ms apart at most.
+        return channel.wait(calls, timeout=0.002) + ray.wait(refs, num_returns=len(refs), timeout=0)[0]
+
     def _lost(self, w: WorkerState, err: Exception, what: str, n: int) -> None:
         if not w.alive:  # a second in-flight call of an already lost worker
             self.stats.events.append(f"worker {w.index}: {n} more work unit(s) re-queued")
             return
         w.alive = False
+        if w.channel is not None:
+            w.channel.close()
         w.losses += 1
         w.lost_at = w.next_ping = time.perf_counter()
         self.stats.events.append(
@@ -362,6 +407,7 @@ class RayExecutor(Executor):
             w.next_ping = time.perf_counter() + 0.5
             return
         w.handle.set_context.remote(self._ctx_ref)  # a restarted actor has lost the render's context
+        self._connect_local([w])  # and its shared-memory mapping and channel
         w.alive = True
         self.stats.events.append(f"worker {w.index} is back (restarted by Ray, pid {w.info['pid']})")
 
@@ -380,6 +426,7 @@ class RayExecutor(Executor):
                 "idle_s": round(max(0.0, wall - w.busy_s), 3),
                 "state": "dead" if w.dead else ("live" if w.alive else "lost"),
                 "transport": "shared memory" if w.shared else "object store",
+                "calls_via": "socket" if self.direct_calls and w.shared and w.channel and not w.channel.closed else "ray",
             }
             for w in self.workers
         ]

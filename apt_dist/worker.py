@@ -4,8 +4,10 @@ A small class on purpose. What travels: per call, for each work unit, its unique
 plus their rows (patch, guidance branch) and crops. On the driver's node the patches and
 the outputs live in the driver's shared-memory file and the call carries their offsets;
 elsewhere the patches come as numpy arrays and the outputs go back as numpy arrays
-(Ray returns those zero-copy). The render's prompt embeddings travel once per worker and
-render, in `set_context` (again after a restart), not with every call.
+(Ray returns those zero-copy). The driver on the worker's node calls predict over a Unix
+socket (`open_channel`, `channel.py`) rather than through Ray, whose calls cost about a
+millisecond each. The render's prompt embeddings travel once per worker and render, in
+`set_context` (again after a restart), not with every call.
 
 `simulate_seconds_per_row` replaces the UNet by a sleep and zeros, for scheduling
 and overhead benchmarks: no torch model is built then. The sleeps run to deadlines, so
@@ -69,6 +71,13 @@ class UNetWorker:
             return True
         except OSError:
             return False
+
+    def open_channel(self, address: str, authkey: bytes) -> bool:
+        """Serve predict() over a Unix socket too (`channel.py`): the driver on this node calls it directly."""
+        from . import channel
+
+        self._channel = channel.serve(address, authkey, self.predict)
+        return True
 
     def _array(self, ref) -> np.ndarray:
         """A unit's inputs: a numpy array, or (path, offset, shape, dtype) in the driver's shared memory."""

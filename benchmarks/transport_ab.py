@@ -1,10 +1,12 @@
-"""A/B of RayExecutor's data planes on the simulated 4096x4096 APT render, side by side in one run.
+"""A/B/C of RayExecutor's data and control planes on the simulated 4096x4096 APT render, side by side.
 
-  shared memory  patches and predictions through the driver's /dev/shm file, calls carry offsets
-  object store   every call's patches and replies as Ray objects (what workers on other nodes use)
+  shm + socket     patches and predictions through the driver's /dev/shm file, calls (offsets) over a
+                   Unix socket per worker: the default for workers on the driver's node
+  shm + Ray calls  the same file, every call a Ray actor call (direct_calls=False)
+  object store     every call's patches and replies as Ray objects (what workers on other nodes use)
 
-The same actors render both ways, alternating which goes first, so a noisy machine
-disturbs both alike. Usage:
+The same actors render every way, rotating which goes first, so a noisy machine
+disturbs all alike. Usage:
   python benchmarks/transport_ab.py --workers 8,16 --markdown benchmarks/results/transport_ab.md
 """
 
@@ -23,7 +25,12 @@ from apt_dist.plan import plan
 from apt_dist.ray_executor import RayExecutor
 from apt_dist.sampler import render
 
-MODES = {"shared memory": True, "object store": False}
+# mode: (shared_memory, direct_calls, the summary's (transport, calls_via))
+MODES = {
+    "shm + socket": (True, True, ("shared memory", "socket")),
+    "shm + Ray calls": (True, False, ("shared memory", "ray")),
+    "object store": (False, False, ("object store", "ray")),
+}
 
 
 def main() -> int:
@@ -46,12 +53,12 @@ def main() -> int:
             ex = RayExecutor(num_workers=n, simulate_seconds_per_patch=args.seconds_per_patch)
             got = {}
             try:
-                modes = list(MODES) if k % 2 == 0 else list(reversed(MODES))
+                modes = list(MODES)[k % len(MODES):] + list(MODES)[:k % len(MODES)]
                 for mode in modes:
-                    ex.shared_memory = MODES[mode]
+                    ex.shared_memory, ex.direct_calls, want = MODES[mode]
                     r = render(cfg, executor=ex, progress=False)
-                    used = {w["transport"] for w in ex.summary()["workers"]}
-                    assert used == {mode}, f"asked for {mode}, workers used {used}"
+                    used = {(w["transport"], w["calls_via"]) for w in ex.summary()["workers"]}
+                    assert used == {want}, f"asked for {mode}, workers used {used}"
                     got[mode] = {"wall_s": sampling_seconds(r), "phases_s": [round(x.seconds, 3) for x in r.phases]}
             finally:
                 ex.close()

@@ -45,6 +45,17 @@ def test_bit_identical_to_in_process(workers, reference):
     if workers > 1:
         assert sum(s > 0 for s in served) >= 2  # the work was really spread
     assert {w["transport"] for w in summary["workers"]} == {"shared memory"}  # all on the driver's node
+    assert {w["calls_via"] for w in summary["workers"]} == {"socket"}
+    assert not summary["events"]  # undisturbed: no loss, and no call that ran before its worker had the context
+
+
+def test_shared_memory_with_ray_calls_is_bit_identical_too(reference):
+    """direct_calls=False: the patches still go through /dev/shm, but every call is a Ray call."""
+    with RayExecutor(num_workers=2, cpus_per_worker=THREADS, direct_calls=False) as ex:
+        r = render(small_config(), executor=ex, progress=False)
+        summary = ex.summary()
+    assert r.image.tobytes() == reference.image.tobytes()
+    assert {(w["transport"], w["calls_via"]) for w in summary["workers"]} == {("shared memory", "ray")}
 
 
 def test_object_store_transport_is_bit_identical_too(reference):
@@ -54,6 +65,7 @@ def test_object_store_transport_is_bit_identical_too(reference):
         summary = ex.summary()
     assert r.image.tobytes() == reference.image.tobytes()
     assert {w["transport"] for w in summary["workers"]} == {"object store"}
+    assert {w["calls_via"] for w in summary["workers"]} == {"ray"}
 
 
 def test_a_full_dev_shm_falls_back_to_the_object_store(reference):
@@ -72,6 +84,7 @@ def test_a_full_dev_shm_falls_back_to_the_object_store(reference):
     assert r.image.tobytes() == reference.image.tobytes()
     assert any("shared memory failed" in e and "No space" in e for e in summary["events"]), summary["events"]
     assert {w["transport"] for w in summary["workers"]} == {"object store"}
+    assert {w["calls_via"] for w in summary["workers"]} == {"ray"}
 
 
 def test_shared_memory_file_is_removed_on_close():
@@ -117,9 +130,15 @@ def test_sigkill_of_the_only_worker_restarts_it_and_reruns_its_batch(reference):
     assert killed and summary["workers"][0]["pid"] != killed[0]
 
 
-def test_a_worker_restarted_between_two_calls_gets_the_context_again(reference):
-    """SIGKILL while idle: Ray restarts the actor before the next call, which finds no context; the driver re-sends it."""
-    with RayExecutor(num_workers=1, max_restarts=1, cpus_per_worker=THREADS) as ex:
+@pytest.mark.parametrize("direct_calls", [True, False])
+def test_a_worker_restarted_between_two_calls_gets_the_context_again(direct_calls, reference):
+    """SIGKILL while idle: Ray restarts the actor before the next call.
+
+    Over a channel the next call finds the socket closed: the worker counts as lost, is found
+    back, and gets the context, the shared memory and a new channel. Through Ray the call
+    reaches the new process, which has no context: the driver re-sends it.
+    """
+    with RayExecutor(num_workers=1, max_restarts=1, cpus_per_worker=THREADS, direct_calls=direct_calls) as ex:
 
         def kill_and_wait_for_restart(phase, step, t):
             if (phase, step) != (2, 3):
@@ -137,9 +156,17 @@ def test_a_worker_restarted_between_two_calls_gets_the_context_again(reference):
             raise AssertionError("Ray did not restart the worker")
 
         r = render(small_config(), executor=ex, progress=False, callback=kill_and_wait_for_restart)
-        events = ex.summary()["events"]
+        summary = ex.summary()
+    events = summary["events"]
     assert r.image.tobytes() == reference.image.tobytes()
-    assert any("restarted by Ray between calls; context re-sent" in e for e in events), events
+    if direct_calls:
+        assert any("lost during timestep" in e and "ChannelClosed" in e for e in events), events
+        assert any("is back" in e for e in events), events
+        assert summary["workers"][0]["calls_via"] == "socket"  # the restarted worker got a new channel
+        assert summary["workers"][0]["transport"] == "shared memory"
+        assert not any("context re-sent" in e for e in events), events
+    else:
+        assert any("restarted by Ray between calls; context re-sent" in e for e in events), events
 
 
 def test_no_worker_left_stops_with_a_clear_error():
