@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,44 @@ class WorkUnit:
     @property
     def patches(self) -> list[int]:
         return sorted({p for p, _ in self.rows})
+
+
+class DeferredPatches(Sequence):
+    """Patches whose tail is made on first use, and whose shapes are known before.
+
+    The executor cuts work units from the shapes alone and sends the calls for the head while
+    the tail does not exist yet; a remote executor thus keeps workers busy while the driver
+    makes the tail (the sampler's blurred sub-lattices). `seconds`: time spent making it.
+    """
+
+    def __init__(self, head: list[torch.Tensor], tail_shapes: list[tuple[int, ...]], make_tail):
+        self.head, self.make_tail = head, make_tail
+        self.shapes = [tuple(p.shape) for p in head] + [tuple(sh) for sh in tail_shapes]
+        self.tail: list[torch.Tensor] | None = None
+        self.seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i < 0:
+            i += len(self.shapes)
+        if i < len(self.head):
+            return self.head[i]
+        if self.tail is None:
+            t0 = time.perf_counter()
+            tail = list(self.make_tail())
+            self.seconds += time.perf_counter() - t0
+            got = [tuple(p.shape) for p in tail]
+            if got != self.shapes[len(self.head):]:
+                raise ValueError(f"deferred patches: announced shapes {self.shapes[len(self.head):]}, made {got}")
+            self.tail = tail
+        return self.tail[i - len(self.head)]
+
+
+def patch_shapes(patches) -> list[tuple[int, ...]]:
+    """Every patch's shape, without making deferred patches."""
+    return list(patches.shapes) if isinstance(patches, DeferredPatches) else [tuple(p.shape) for p in patches]
 
 
 def make_units(shapes: list[tuple[int, ...]], batch_size: int, split_guidance: bool) -> list[WorkUnit]:
@@ -148,7 +187,7 @@ class Executor(ABC):
         self.stats = ExecutorStats()
 
     def predict(self, timestep: int, patches: list[torch.Tensor], crops: list[tuple[int, int]], then=None) -> list:
-        """Guided noise predictions for `patches` ([C, h, w] float32 model inputs) at `timestep`.
+        """Guided noise predictions for `patches` ([C, h, w] float32 model inputs, or DeferredPatches) at `timestep`.
 
         With `then`, predictions are handed to `then(patch_indices, eps [k, C, h, w])` as soon as
         they are ready (in any order, in batches of one shape), and what it returns (a list,
@@ -158,14 +197,15 @@ class Executor(ABC):
         ctx = self.context
         assert ctx is not None, "Executor.start(context) must be called first"
         t0 = time.perf_counter()
-        units = make_units([tuple(p.shape) for p in patches], ctx.view_batch_size, ctx.split_guidance)
+        units = make_units(patch_shapes(patches), ctx.view_batch_size, ctx.split_guidance)
         guidance = Guidance(units, len(patches), ctx.guidance_scale, then)
         self._run_units(timestep, units, patches, crops, guidance.deliver)
         results = guidance.finish()
         self.stats.patch_evals += len(patches)
         self.stats.unet_calls += len(units)
         self.stats.unet_rows += sum(len(u.rows) for u in units)
-        self.stats.seconds += time.perf_counter() - t0 - guidance.then_seconds
+        made = patches.seconds if isinstance(patches, DeferredPatches) else 0.0  # the caller's work, not the executor's
+        self.stats.seconds += time.perf_counter() - t0 - guidance.then_seconds - made
         return results
 
     def decode(self, tiles: list[torch.Tensor], norm_stats: dict | None = None) -> list[torch.Tensor]:

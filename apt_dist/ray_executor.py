@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from . import channel, shared_memory
-from .executor import Executor, RenderContext, WorkUnit
+from .executor import Executor, RenderContext, WorkUnit, patch_shapes
 from .worker import ContextMissing, UNetWorker
 
 
@@ -480,18 +480,19 @@ class _Staging:
 
     def __init__(self, units: list[WorkUnit], patches, dtype, buf: shared_memory.SharedBuffer | None):
         self.units, self.patches, self.dtype, self.buf = units, patches, np.dtype(dtype), buf
+        self.shapes = patch_shapes(patches)  # known before deferred patches are made
         self.torch_dtype = torch.float16 if self.dtype == np.float16 else torch.float32
         self.written = 0
         if buf is None:
             return
         self.in_off, off = [], 0
-        for p in patches:
+        for shape in self.shapes:
             self.in_off.append(off)
-            off += shared_memory.nbytes(tuple(p.shape), self.dtype)
+            off += shared_memory.nbytes(shape, self.dtype)
         self.out_off = []
         for u in units:
             self.out_off.append(off)
-            off += len(u.rows) * shared_memory.nbytes(tuple(patches[u.rows[0][0]].shape), self.dtype)
+            off += len(u.rows) * shared_memory.nbytes(self.shapes[u.rows[0][0]], self.dtype)
         buf.ensure(off)
 
     def message(self, k: int, crops, shared: bool):
@@ -500,13 +501,13 @@ class _Staging:
         uniq = unit.patches
         rows = [(p - uniq[0], b) for p, b in unit.rows]
         unit_crops = [crops[p] for p in uniq]
-        shape = (len(uniq),) + tuple(self.patches[uniq[0]].shape)
+        shape = (len(uniq),) + self.shapes[uniq[0]]
         if not (shared and self.buf is not None):
             x = torch.stack([self.patches[p] for p in uniq]).to(self.torch_dtype).numpy()
             return x, rows, unit_crops, None
         while self.written <= uniq[-1]:
             p = self.written
-            dst = self.buf.array(self.in_off[p], tuple(self.patches[p].shape), self.dtype)
+            dst = self.buf.array(self.in_off[p], self.shapes[p], self.dtype)
             torch.from_numpy(dst).copy_(self.patches[p])
             self.written += 1
         path = self.buf.path
@@ -514,7 +515,7 @@ class _Staging:
 
     def output(self, k: int) -> torch.Tensor:
         unit = self.units[k]
-        shape = (len(unit.rows),) + tuple(self.patches[unit.rows[0][0]].shape)
+        shape = (len(unit.rows),) + self.shapes[unit.rows[0][0]]
         return torch.from_numpy(self.buf.array(self.out_off[k], shape, self.dtype))
 
 

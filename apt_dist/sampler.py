@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import schedules as S
 from .config import RenderConfig
-from .executor import Executor, InProcessExecutor, RenderContext
+from .executor import DeferredPatches, Executor, InProcessExecutor, RenderContext
 from .fusion import WindowAverage
 from .geometry import crop_pixels, gaussian_blur, jitter_range, lattice_offsets, local_windows
 from .matching import ReferenceStats, standardize_to, statistical_matching
@@ -234,13 +234,19 @@ class _Sampler:
 
             # Dilated views: the UNet sees the blurred sub-lattices, re-standardised to x; each
             # UNBLURRED sub-lattice is then stepped with the prediction made from its blurred twin.
-            blurred = standardize_to(gaussian_blur(x, 2 * d - 1, cfg.sigma * c3), x.mean(), x.std())
             lattices = [x[0, :, a::d, b::d] for a, b in offsets]
 
-            # Model inputs are views of two scaled tensors (one op each, not one per view).
-            xp_in, blurred_in = S.scale_model_input(sched, xp, i), S.scale_model_input(sched, blurred, i)
-            model_in = [xp_in[(0, slice(None), *win.slices())] for win in windows]
-            model_in += [blurred_in[0, :, a::d, b::d] for a, b in offsets]
+            def dilated_inputs(x=x, c3=c3, i=i):
+                blurred = standardize_to(gaussian_blur(x, 2 * d - 1, cfg.sigma * c3), x.mean(), x.std())
+                blurred_in = S.scale_model_input(sched, blurred, i)
+                return [blurred_in[0, :, a::d, b::d] for a, b in offsets]
+
+            # Model inputs are views of two scaled tensors (one op each, not one per view). The
+            # blurred ones are made when the executor first needs them: the calls for the local
+            # windows are already running while the driver blurs.
+            xp_in = S.scale_model_input(sched, xp, i)
+            local_in = [xp_in[(0, slice(None), *win.slices())] for win in windows]
+            model_in = DeferredPatches(local_in, [lat.shape for lat in lattices], dilated_inputs)
 
             # Each view is stepped as soon as its prediction is back, while other UNet calls still
             # run: the windows are averaged where they overlap, the sub-lattices written in place.

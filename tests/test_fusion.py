@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from apt_dist.executor import Guidance, guide, make_units
+from apt_dist.executor import DeferredPatches, Guidance, guide, make_units, patch_shapes
 from apt_dist.fusion import WindowAverage
 from apt_dist.geometry import Window
 
@@ -94,3 +94,27 @@ def test_shares_are_equal_contiguous_and_long_ones_stream_a_tail():
     (_, bulk0), (_, bulk1), (_, tail0), (_, tail1) = calls
     assert bulk0 + tail0 == list(range(STREAM_SHARE_UNITS + 1)) and len(tail0) == (STREAM_SHARE_UNITS + 1) // 8
     assert bulk1 + tail1 == list(range(STREAM_SHARE_UNITS + 1, n)) and len(tail1) == STREAM_SHARE_UNITS // 8
+
+
+def test_deferred_patches_make_their_tail_once_and_only_when_needed():
+    head = [torch.full((4, 8, 8), float(k)) for k in range(3)]
+    made = []
+
+    def tail():
+        made.append(1)
+        return [torch.full((4, 6, 6), 10.0), torch.full((4, 6, 6), 11.0)]
+
+    dp = DeferredPatches(head, [(4, 6, 6)] * 2, tail)
+    assert len(dp) == 5 and patch_shapes(dp) == [(4, 8, 8)] * 3 + [(4, 6, 6)] * 2
+    units = make_units(patch_shapes(dp), 2, True)
+    assert not made  # shapes and units need no tail
+    assert [float(dp[k][0, 0, 0]) for k in range(3)] == [0.0, 1.0, 2.0] and not made
+    assert float(dp[3][0, 0, 0]) == 10.0 and float(dp[-1][0, 0, 0]) == 11.0
+    assert len(made) == 1  # made once
+    assert [u.patches for u in units] == [[0, 1], [0, 1], [2], [2], [3, 4], [3, 4]]
+
+
+def test_deferred_patches_refuse_a_tail_that_breaks_its_announced_shapes():
+    dp = DeferredPatches([], [(4, 6, 6)], lambda: [torch.zeros(4, 5, 6)])
+    with pytest.raises(ValueError, match="announced shapes"):
+        dp[0]
