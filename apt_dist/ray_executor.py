@@ -226,9 +226,11 @@ class RayExecutor(Executor):
         todo = [w for w in local if w.shared and (w.channel is None or w.channel.closed)]
         addresses = [os.path.join(self._channel_dir, f"w{w.index}.{w.info.get('pid')}") for w in todo]
         opened = ray.get([w.handle.open_channel.remote(a, self._channel_key) for w, a in zip(todo, addresses)])
-        for w, a, ok in zip(todo, addresses, opened):
+        for w, a, err in zip(todo, addresses, opened):
             try:
-                w.channel = channel.Channel(a, self._channel_key, name=f"worker {w.index}") if ok else None
+                if err:
+                    raise OSError(err)
+                w.channel = channel.Channel(a, self._channel_key, name=f"worker {w.index}")
             except OSError as e:
                 w.channel = None
                 self.stats.events.append(f"worker {w.index}: no direct channel ({e}); its calls go through Ray")
@@ -403,11 +405,11 @@ class RayExecutor(Executor):
         w.pinging = False
         try:
             w.info = ray.get(ref)
-        except ray.exceptions.RayActorError:
+            w.handle.set_context.remote(self._ctx_ref)  # a restarted actor has lost the render's context
+            self._connect_local([w])  # and its shared-memory mapping and channel
+        except ray.exceptions.RayActorError:  # not back yet, or gone again
             w.next_ping = time.perf_counter() + 0.5
             return
-        w.handle.set_context.remote(self._ctx_ref)  # a restarted actor has lost the render's context
-        self._connect_local([w])  # and its shared-memory mapping and channel
         w.alive = True
         self.stats.events.append(f"worker {w.index} is back (restarted by Ray, pid {w.info['pid']})")
 

@@ -72,12 +72,18 @@ class UNetWorker:
         except OSError:
             return False
 
-    def open_channel(self, address: str, authkey: bytes) -> bool:
-        """Serve predict() over a Unix socket too (`channel.py`): the driver on this node calls it directly."""
+    def open_channel(self, address: str, authkey: bytes) -> str | None:
+        """Serve predict() over a Unix socket too (`channel.py`): the driver on this node calls it directly.
+
+        Returns None, or why not (a socket path too long, say): the driver then calls through Ray.
+        """
         from . import channel
 
-        self._channel = channel.serve(address, authkey, self.predict)
-        return True
+        try:
+            self._channel = channel.serve(address, authkey, self.predict)
+        except OSError as e:
+            return f"{type(e).__name__}: {e}"
+        return None
 
     def _array(self, ref) -> np.ndarray:
         """A unit's inputs: a numpy array, or (path, offset, shape, dtype) in the driver's shared memory."""

@@ -58,6 +58,19 @@ def test_shared_memory_with_ray_calls_is_bit_identical_too(reference):
     assert {(w["transport"], w["calls_via"]) for w in summary["workers"]} == {("shared memory", "ray")}
 
 
+def test_a_worker_that_cannot_serve_a_socket_is_called_through_ray(tmp_path, reference):
+    """An AF_UNIX path over the kernel's limit (a long TMPDIR): that worker's calls go through Ray, same image."""
+    long_dir = tmp_path / ("d" * 120)
+    long_dir.mkdir()
+    with RayExecutor(num_workers=1, cpus_per_worker=THREADS) as ex:
+        ex._channel_dir = str(long_dir)
+        r = render(small_config(), executor=ex, progress=False)
+        summary = ex.summary()
+    assert r.image.tobytes() == reference.image.tobytes()
+    assert summary["workers"][0]["calls_via"] == "ray" and summary["workers"][0]["transport"] == "shared memory"
+    assert any("no direct channel" in e for e in summary["events"]), summary["events"]
+
+
 def test_object_store_transport_is_bit_identical_too(reference):
     """shared_memory=False: patches and predictions travel as Ray objects, as to workers on other nodes."""
     with RayExecutor(num_workers=2, cpus_per_worker=THREADS, shared_memory=False) as ex:
