@@ -1,8 +1,9 @@
 """Where a timestep's time goes on the driver: the simulated 4096x4096 APT render, one step at a time.
 
 For every step, times from the end of the previous step (ms): the driver's work before the
-step's first Ray call, the first and last submit, the first and last reply, and the end of
-the step (fusion, check). Printed as medians per phase next to the barrier bound of a step.
+step's first call, the first and last submit, the first and last reply taken up, when the
+last reply has been used (guided, stepped, fused), and the end of the step (fusion, check);
+and the driver's time spent using replies. Printed as medians per phase next to the barrier bound of a step.
 Usage:
   python benchmarks/step_timeline.py --workers 8 [--driver-threads 1] [--markdown FILE]
 """
@@ -46,6 +47,7 @@ class TimedExecutor(RayExecutor):
         def timed_receive(idx, outs):
             self.marks.append(("reply", time.perf_counter()))
             receive(idx, outs)
+            self.marks.append(("used", time.perf_counter()))
 
         return super()._dispatch(n, timed_submit, timed_receive, weights, what)
 
@@ -96,15 +98,19 @@ def main() -> int:
             return statistics.median(pick([t for e, t in m if e == event]) for m in st) * 1000
 
         end = med("end", max)
+        using = statistics.median(sum(u - r for r, u in zip([t for e, t in m if e == "reply"], [t for e, t in m if e == "used"]))
+                                  for m in st) * 1000
         rows.append([ph.index, f"{ph.width}x{ph.height}", units, bound, med("predict", min), med("submit", min),
-                     med("submit", max), med("reply", min), med("reply", max), end, end - bound])
+                     med("submit", max), med("reply", min), med("reply", max), med("used", max), end, end - bound, using])
     table = Table(
         f"Per-step timeline, sdxl-random 4096x4096 APT, {args.workers} simulated workers at "
         f"{1000 * args.seconds_per_patch:g} ms/patch, driver on {torch.get_num_threads()} torch thread(s): "
         "medians per step, ms from the end of the previous step",
         ["phase", "size", "units/step", "bound ms", "before predict", "first submit", "last submit",
-         "first reply", "last reply", "step end", "over bound"], rows,
-        ["bound ms: the barrier bound of one step (the largest share x the unit time); over bound: step end - bound"])
+         "first reply", "last reply", "last reply used", "step end", "over bound", "using replies"], rows,
+        ["bound ms: the barrier bound of one step (the largest share x the unit time); over bound: step end - bound",
+         "a reply's time is when the driver takes it up; used: when its guidance, steps and fusion are done; "
+         "using replies: their sum over the step (ms)"])
     print(table.text())
     if args.markdown:
         write_markdown(args.markdown, table, "python " + " ".join(sys.argv))
