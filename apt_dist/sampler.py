@@ -224,7 +224,7 @@ class _Sampler:
             c3 = 0.99 * cf**cfg.cosine_scale_3 + 0.01
 
             # Skip residual towards the noised upsampled latent of this step.
-            x = (1 - c1) * x + c1 * S.add_noise(sched, z, noise, i)
+            x = torch.lerp(S.add_noise(sched, z, noise, i), x, 1 - c1)  # (1 - c1) x + c1 noised, one pass
 
             # Local views: jittered windows of the zero-padded latent.
             xp = F.pad(x, (jr, jr, jr, jr))
@@ -266,7 +266,7 @@ class _Sampler:
             self.ex.predict(t, model_in, crops + [(0, 0)] * len(offsets), then=then)
             x_local = average.result()[None, :, jr : jr + h, jr : jr + w]
 
-            x = (1 - c2) * x_local + c2 * x_dilated
+            x = torch.lerp(x_local, x_dilated, c2)  # (1 - c2) local + c2 dilated, one pass
             self._check(x, phase, i, t)
         if cfg.anchor_renorm:
             x = standardize_to(x, ref.mean, ref.std)

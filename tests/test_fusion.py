@@ -118,3 +118,13 @@ def test_deferred_patches_refuse_a_tail_that_breaks_its_announced_shapes():
     dp = DeferredPatches([], [(4, 6, 6)], lambda: [torch.zeros(4, 5, 6)])
     with pytest.raises(ValueError, match="announced shapes"):
         dp[0]
+
+
+def test_guide_is_classifier_free_guidance_in_float32():
+    g = torch.Generator().manual_seed(0)
+    u, c = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    for scale in (0.0, 0.3, 1.0, 7.5):
+        got = guide(u.half(), c.half(), scale)
+        assert got.dtype == torch.float32
+        uu, cc = u.half().double(), c.half().double()
+        torch.testing.assert_close(got.double(), uu + scale * (cc - uu), rtol=1e-6, atol=1e-6)
