@@ -31,10 +31,6 @@ class ChannelClosed(ConnectionError):
 class RemoteError(RuntimeError):
     """The worker raised while handling a call; carries its traceback text."""
 
-    def __init__(self, message: str, cause: BaseException | None = None):
-        super().__init__(message)
-        self.cause = cause
-
 
 # ---- worker side -----------------------------------------------------------------------------------
 
@@ -73,8 +69,8 @@ def serve(address: str, authkey: bytes, handle) -> threading.Thread:
                     conn.send(reply)
                 except (OSError, EOFError):
                     return
-                except Exception:  # an exception that does not pickle
-                    conn.send((False, (None, traceback.format_exc())))
+                except Exception:  # a reply that does not pickle: send the text of what happened
+                    conn.send((False, (None, reply[1][1] if not reply[0] else traceback.format_exc())))
 
     t = threading.Thread(target=loop, name="apt-dist-channel", daemon=True)
     t.start()
@@ -105,7 +101,7 @@ class Call:
             raise self.payload
         err, tb = self.payload
         if err is None:
-            raise RemoteError(f"worker failed (its exception did not pickle):\n{tb}")
+            raise RemoteError(f"worker failed (its reply did not pickle):\n{tb}")
         err.__cause__ = RemoteError(f"in the worker:\n{tb}")
         raise err
 

@@ -80,7 +80,7 @@ class UNetWorker:
         from . import channel
 
         try:
-            self._channel = channel.serve(address, authkey, self.predict)
+            channel.serve(address, authkey, self.predict)  # a daemon thread; ends when the driver hangs up
         except OSError as e:
             return f"{type(e).__name__}: {e}"
         return None

@@ -75,8 +75,9 @@ def test_worker_exceptions_keep_their_type_and_traceback(tmp_path):
     assert "in the worker" in str(e.value.__cause__) and "handler" in str(e.value.__cause__)
     with pytest.raises(ValueError, match="bad kind nope"):
         c2.result()
-    with pytest.raises(channel.RemoteError, match="did not pickle"):
+    with pytest.raises(channel.RemoteError, match="did not pickle") as e3:
         c3.result()
+    assert "Unpicklable" in str(e3.value)  # the worker's own traceback, not the pickling error's
     assert ch.call("sleep", 0.0) is not None  # the channel still works after errors
     ch.close()
 
