@@ -186,26 +186,38 @@ class Executor(ABC):
         self.context = context
         self.stats = ExecutorStats()
 
-    def predict(self, timestep: int, patches: list[torch.Tensor], crops: list[tuple[int, int]], then=None) -> list:
+    def predict(self, timestep: int, patches: list[torch.Tensor], crops: list[tuple[int, int]], then=None,
+                meanwhile=None) -> list:
         """Guided noise predictions for `patches` ([C, h, w] float32 model inputs, or DeferredPatches) at `timestep`.
 
         With `then`, predictions are handed to `then(patch_indices, eps [k, C, h, w])` as soon as
         they are ready (in any order, in batches of one shape), and what it returns (a list,
         one item per patch, or None) is returned instead: the caller's per-patch work then
         overlaps with UNet calls that are still running.
+
+        `meanwhile()`: the caller's work that needs no prediction (the next step's draws, say).
+        It runs once, before the first prediction reaches `then`; a remote executor runs it as
+        soon as its first calls are out, in time the driver would otherwise spend waiting.
         """
         ctx = self.context
         assert ctx is not None, "Executor.start(context) must be called first"
         t0 = time.perf_counter()
         units = make_units(patch_shapes(patches), ctx.view_batch_size, ctx.split_guidance)
         guidance = Guidance(units, len(patches), ctx.guidance_scale, then)
-        self._run_units(timestep, units, patches, crops, guidance.deliver)
+        aside = _Once(meanwhile)
+
+        def deliver(unit_indices, outputs):
+            aside()
+            guidance.deliver(unit_indices, outputs)
+
+        self._run_units(timestep, units, patches, crops, deliver, aside)
+        aside()
         results = guidance.finish()
         self.stats.patch_evals += len(patches)
         self.stats.unet_calls += len(units)
         self.stats.unet_rows += sum(len(u.rows) for u in units)
         made = patches.seconds if isinstance(patches, DeferredPatches) else 0.0  # the caller's work, not the executor's
-        self.stats.seconds += time.perf_counter() - t0 - guidance.then_seconds - made
+        self.stats.seconds += time.perf_counter() - t0 - guidance.then_seconds - made - aside.seconds
         return results
 
     def decode(self, tiles: list[torch.Tensor], norm_stats: dict | None = None) -> list[torch.Tensor]:
@@ -219,9 +231,14 @@ class Executor(ABC):
 
     @abstractmethod
     def _run_units(
-        self, timestep: int, units: list[WorkUnit], patches: list[torch.Tensor], crops: list[tuple[int, int]], deliver
+        self, timestep: int, units: list[WorkUnit], patches: list[torch.Tensor], crops: list[tuple[int, int]], deliver,
+        meanwhile,
     ) -> None:
-        """Run every unit; call `deliver(unit_indices, raw_outputs [rows, C, h, w])` once per unit, in any order."""
+        """Run every unit; call `deliver(unit_indices, raw_outputs [rows, C, h, w])` once per unit, in any order.
+
+        `meanwhile()` may be called once the first calls are out (it runs once, at the first
+        delivery at the latest).
+        """
 
     @abstractmethod
     def _decode(self, tiles: list[torch.Tensor], norm_stats: dict | None) -> list[torch.Tensor]: ...
@@ -248,6 +265,20 @@ def unit_batch(unit: WorkUnit, patches: list[torch.Tensor], crops: list[tuple[in
     return x, [crops[p] for p, _ in unit.rows], [b for _, b in unit.rows]
 
 
+class _Once:
+    """Calls `fn` (may be None) the first time it is called, and times it."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self) -> None:
+        if self.fn is not None:
+            fn, self.fn = self.fn, None
+            t0 = time.perf_counter()
+            fn()
+            self.seconds = time.perf_counter() - t0
+
+
 class InProcessExecutor(Executor):
     """Runs every unit on one Denoiser in this process (CPU or one GPU)."""
 
@@ -262,7 +293,7 @@ class InProcessExecutor(Executor):
 
             self._denoiser = Denoiser(context.model)
 
-    def _run_units(self, timestep, units, patches, crops, deliver):
+    def _run_units(self, timestep, units, patches, crops, deliver, meanwhile):
         ctx = self.context
         for k, unit in enumerate(units):
             x, c, b = unit_batch(unit, patches, crops)

@@ -17,17 +17,27 @@ class WindowAverage:
     """
 
     def __init__(self, channels: int, height: int, width: int, windows: list[Window]):
-        self.windows = windows
-        self.value = torch.zeros(channels, height, width)
-        self.count = torch.zeros(1, height, width)
-        for win in windows:  # known up front: counted before any window arrives
-            ys, xs = win.slices()
-            self.count[:, ys, xs] += 1
+        self.windows, self.shape = windows, (channels, height, width)
+        self.value: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
         self._pending: dict[int, torch.Tensor] = {}
         self._next = 0
 
+    def prepare(self) -> None:
+        """Allocate the sums and count the cover (the windows are known up front). The first `add`
+        does it if not done before; a caller calls it early to do it while it waits anyway."""
+        if self.value is not None:
+            return
+        channels, height, width = self.shape
+        self.value = torch.zeros(channels, height, width)
+        self.count = torch.zeros(1, height, width)
+        for win in self.windows:
+            ys, xs = win.slices()
+            self.count[:, ys, xs] += 1
+
     def add(self, k: int, view: torch.Tensor) -> None:
         """Window k's values [C, h, w]."""
+        self.prepare()
         self._pending[k] = view
         while self._next in self._pending:
             ys, xs = self.windows[self._next].slices()
@@ -38,4 +48,5 @@ class WindowAverage:
         """[C, H, W]: the average where windows cover, 0 elsewhere."""
         if self._next != len(self.windows):
             raise RuntimeError(f"window {self._next} of {len(self.windows)} never arrived")
+        self.prepare()  # no windows at all
         return self.value / self.count.clamp(min=1)

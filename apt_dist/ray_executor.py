@@ -270,7 +270,7 @@ class RayExecutor(Executor):
             self._pg = None
 
     # ---- the per-timestep loop -----------------------------------------------------------
-    def _run_units(self, timestep, units: list[WorkUnit], patches, crops, deliver):
+    def _run_units(self, timestep, units: list[WorkUnit], patches, crops, deliver, meanwhile):
         staging = self._staging(units, patches)
 
         def submit(w, idx):
@@ -282,7 +282,8 @@ class RayExecutor(Executor):
         def receive(idx, outs):
             deliver(idx, [staging.output(k) if o is None else _as_tensor(o) for k, o in zip(idx, outs)])
 
-        self._dispatch(len(units), submit, receive, weights=[len(u.rows) / 2 for u in units], what=f"timestep {timestep}")
+        self._dispatch(len(units), submit, receive, weights=[len(u.rows) / 2 for u in units], what=f"timestep {timestep}",
+                       meanwhile=meanwhile)
 
     def _direct(self, w: WorkerState) -> bool:
         """Whether w's predict calls go over its socket (else through Ray)."""
@@ -314,8 +315,11 @@ class RayExecutor(Executor):
                        _store(results), weights=[0], what="decode statistics")
         return results[0]
 
-    def _dispatch(self, n: int, submit, receive, weights: list[float], what: str) -> None:
-        """Run items 0..n-1 on live workers: `submit(worker, indices)` -> ref; `receive(indices, outputs)` per reply."""
+    def _dispatch(self, n: int, submit, receive, weights: list[float], what: str, meanwhile=None) -> None:
+        """Run items 0..n-1 on live workers: `submit(worker, indices)` -> ref; `receive(indices, outputs)` per reply.
+
+        `meanwhile()`, the caller's own work, runs once, as soon as the first calls are out.
+        """
         import ray
 
         queue = deque(range(n))
@@ -327,6 +331,9 @@ class RayExecutor(Executor):
                 for w, idx in _shares(queue, idle):
                     in_flight[submit(w, idx)] = (w, idx)
                     w.in_flight += 1
+            if meanwhile is not None and in_flight:
+                meanwhile, run = None, meanwhile
+                run()
             self._ping_lost_workers()
             if not live and not in_flight and all(w.dead for w in self.workers):
                 raise ClusterError(

@@ -217,18 +217,24 @@ class _Sampler:
         x = S.add_noise(sched, z, noise, phase.start_step)  # the shortcut: start at N - T0
         jr = jitter_range(n, self.plan.stride)
         offsets = lattice_offsets(d)
-        for i in self._steps(phase):
+        steps = self._steps(phase)
+
+        def ahead(i: int):  # what step i needs that its input x does not decide: its windows' draws, its noised z
+            return local_windows(h, w, n, self.plan.stride, self.gen if cfg.jitter else None), S.add_noise(sched, z, noise, i)
+
+        upcoming = ahead(steps[0]) if steps else None
+        for i in steps:
             t = int(sched.timesteps[i])
             cf = S.cosine_factor(t, sched.num_train_timesteps)
             c1, c2 = cf**cfg.cosine_scale_1, cf**cfg.cosine_scale_2
             c3 = 0.99 * cf**cfg.cosine_scale_3 + 0.01
+            windows, noised = upcoming
 
             # Skip residual towards the noised upsampled latent of this step.
-            x = torch.lerp(S.add_noise(sched, z, noise, i), x, 1 - c1)  # (1 - c1) x + c1 noised, one pass
+            x = torch.lerp(noised, x, 1 - c1)  # (1 - c1) x + c1 noised, one pass
 
             # Local views: jittered windows of the zero-padded latent.
             xp = F.pad(x, (jr, jr, jr, jr))
-            windows = local_windows(h, w, n, self.plan.stride, self.gen if cfg.jitter else None)
             local_views = [xp[(0, slice(None), *win.slices())] for win in windows]
             crops = [crop_pixels(win, jr, self.plan.vae_scale) for win in windows]
 
@@ -263,7 +269,13 @@ class _Sampler:
                         a, b = offsets[k - len(windows)]
                         x_dilated[0, :, a::d, b::d] = s
 
-            self.ex.predict(t, model_in, crops + [(0, 0)] * len(offsets), then=then)
+            def meanwhile(i=i, average=average):  # while the UNet calls run: the next step's draws, this step's sums
+                nonlocal upcoming
+                if i + 1 < steps.stop:
+                    upcoming = ahead(i + 1)  # the generator's draws stay in the same order
+                average.prepare()
+
+            self.ex.predict(t, model_in, crops + [(0, 0)] * len(offsets), then=then, meanwhile=meanwhile)
             x_local = average.result()[None, :, jr : jr + h, jr : jr + w]
 
             x = torch.lerp(x_local, x_dilated, c2)  # (1 - c2) local + c2 dilated, one pass

@@ -35,6 +35,19 @@ def test_window_average_is_bit_identical_for_every_arrival_order():
     assert torch.equal(results[0][:, 6, :], torch.zeros(3, 7))  # row 6 is covered by no window
 
 
+def test_window_average_prepared_early_or_on_first_add_is_the_same():
+    g = torch.Generator().manual_seed(2)
+    views = [torch.randn(3, 4, 4, generator=g) for _ in _windows()]
+    early, lazy = WindowAverage(3, 7, 7, _windows()), WindowAverage(3, 7, 7, _windows())
+    early.prepare()
+    assert torch.equal(early.count[0, 0], torch.tensor([1.0, 1, 2, 2, 1, 1, 0]))  # counted before any window
+    for avg in (early, lazy):
+        for k in (2, 0, 3, 1):
+            avg.add(k, views[k])
+    assert torch.equal(early.result(), lazy.result())
+    assert torch.equal(WindowAverage(3, 2, 2, []).result(), torch.zeros(3, 2, 2))  # no windows: nothing covered
+
+
 def test_window_average_refuses_a_missing_window():
     avg = WindowAverage(3, 6, 7, _windows())
     avg.add(0, torch.ones(3, 4, 4))
@@ -118,6 +131,23 @@ def test_deferred_patches_refuse_a_tail_that_breaks_its_announced_shapes():
     dp = DeferredPatches([], [(4, 6, 6)], lambda: [torch.zeros(4, 5, 6)])
     with pytest.raises(ValueError, match="announced shapes"):
         dp[0]
+
+
+def test_meanwhile_runs_once_before_the_first_prediction_is_used_and_is_not_executor_time():
+    import time
+
+    from apt_dist.bench import ZeroExecutor
+    from apt_dist.executor import RenderContext
+
+    ex = ZeroExecutor()
+    ex.start(RenderContext(model=None, embeds=None, original_size=(64, 64), guidance_scale=5.0))
+    events = []
+    out = ex.predict(1, [torch.ones(4, 8, 8)] * 3, [(0, 0)] * 3,
+                     then=lambda ks, eps: events.append(("then", ks)) or list(eps),
+                     meanwhile=lambda: events.append(("meanwhile",)) or time.sleep(0.3))
+    assert events[0] == ("meanwhile",) and events.count(("meanwhile",)) == 1
+    assert sorted(k for e in events[1:] for k in e[1]) == [0, 1, 2] and len(out) == 3
+    assert ex.stats.seconds < 0.15  # the caller's 0.3 s are not counted as time in UNet calls
 
 
 def test_guide_is_classifier_free_guidance_in_float32():

@@ -70,12 +70,12 @@ class NaNExecutor(InProcessExecutor):
         super().__init__()
         self.calls, self.at = 0, at_phase_step
 
-    def predict(self, timestep, patches, crops, then=None):
+    def predict(self, timestep, patches, crops, then=None, meanwhile=None):
         self.calls += 1
         if self.calls == self.at:  # poison patch 0's prediction on its way to the sampler
             inner = then or (lambda ks, eps: list(eps))
             then = lambda ks, eps: inner(ks, eps * float("nan") if 0 in ks else eps)  # noqa: E731
-        return super().predict(timestep, patches, crops, then)
+        return super().predict(timestep, patches, crops, then, meanwhile)
 
 
 def test_nan_stops_the_render_naming_phase_and_step():
