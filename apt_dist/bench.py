@@ -356,13 +356,6 @@ def run(what: str, overrides: dict, ns, command: str | None = None) -> int:
     """Run benchmark `what`, print its table, write --json / --markdown."""
     config = config_for(what, overrides)
     counts = parse_workers(getattr(ns, "workers", None), what)
-    threads = getattr(ns, "driver_threads", None)
-    if threads is not None:
-        from .config import ConfigError
-
-        if threads < 1:
-            raise ConfigError("--driver-threads", f"must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
     if what == "phases":
         table = bench_phases(config, warmup=not ns.no_warmup)
     elif what == "overhead":

@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(r)
     r.add_argument("--out", default="apt-dist.png", help="output PNG path (written atomically)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--driver-threads", type=int, default=None,
+                   help="torch threads of this process: the driver's tensor work, and without --workers the UNet's too "
+                        "(default: torch's own, one per core). With GPU workers on a many-core head node, 4 made the "
+                        "driver faster (README). CPU reductions, so an image's last bits, depend on thread counts")
     r.add_argument("--checkpoint", default=None,
                    help="write the render's state here after every phase; if it exists (same settings), resume from it")
     g = r.add_argument_group("distributed (Ray)")
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         config = config_from_args(ns).validate()
+        _set_driver_threads(getattr(ns, "driver_threads", None))
         if ns.command == "render":
             return _render(config, ns)
         if ns.command == "plan":
@@ -134,6 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"apt-dist {ns.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _set_driver_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError("--driver-threads", f"must be an integer >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _render(config: RenderConfig, ns) -> int:

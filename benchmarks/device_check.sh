@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The one prepared script for a lent GPU machine (16 CPU cores, one H100/H200, no network).
+# The prepared script for a lent GPU machine (16 CPU cores, one H100/H200, no network).
 # Its image has torch, transformers and huggingface_hub but not Ray or diffusers: those travel as wheels in .whl/
 # (Ray without its Java jars, to fit the 64 MiB limit). Writes everything under $OUT (default /tmp/device_out).
-#   1. benchmarks/gpu_check.py: sdxl-random 2048x2048 in-process (apt, demofusion) and on one Ray worker.
-#   2. apt-dist bench scaling 4,8,16 workers and bench overhead, on 16 cores instead of this repo's usual 2.
+#   bash benchmarks/device_check.sh [gpu] [scaling]   (both when none is named)
+#   gpu:     benchmarks/gpu_check.py: sdxl-random 2048x2048 in-process (apt, demofusion) and on one Ray worker;
+#            apt-dist bench overhead.
+#   scaling: apt-dist bench scaling at 4, 8 and 16 workers on 16 cores instead of this repo's usual 2, the driver on
+#            each of DRIVER_THREADS (default: "default 4", torch's own count and 4); the per-step timeline at 8 and
+#            16 workers (driver on TIMELINE_THREADS, default torch's own).
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
+PARTS=${*:-gpu scaling}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -14,6 +19,19 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; python3 --version;
   python3 -c "import torch, diffusers, ray, transformers; print(torch.__version__, diffusers.__version__, ray.__version__, transformers.__version__)"; } 2>&1 | tee "$OUT/machine.txt"
-timeout "${GPU_CHECK_TIMEOUT:-330}" python3 benchmarks/gpu_check.py "$OUT" --steps "${STEPS:-50}" 2>&1 | grep -v '^\[transformers\]' | tee "$OUT/gpu_check.log"
-timeout 150 python3 -m apt_dist bench scaling --workers 4,8,16 --json "$OUT/scaling_16cpu.json" --markdown "$OUT/scaling_16cpu.md" 2>&1 | tail -30
-timeout 90 python3 -m apt_dist bench overhead --json "$OUT/overhead_16cpu.json" --markdown "$OUT/overhead_16cpu.md" 2>&1 | tail -20
+if [[ " $PARTS " == *" gpu "* ]]; then
+  timeout "${GPU_CHECK_TIMEOUT:-330}" python3 benchmarks/gpu_check.py "$OUT" --steps "${STEPS:-50}" 2>&1 | grep -v '^\[transformers\]' | tee "$OUT/gpu_check.log"
+  timeout 90 python3 -m apt_dist bench overhead --json "$OUT/overhead_16cpu.json" --markdown "$OUT/overhead_16cpu.md" 2>&1 | tail -20
+fi
+if [[ " $PARTS " == *" scaling "* ]]; then
+  for t in ${DRIVER_THREADS:-default 4}; do  # the driver's torch threads: torch's default (one per core), or t
+    opt=(); sfx=""
+    [[ $t != default ]] && opt=(--driver-threads "$t") && sfx="_driver$t"
+    timeout 170 python3 -m apt_dist bench scaling --workers 4,8,16 "${opt[@]}" \
+      --json "$OUT/scaling_16cpu$sfx.json" --markdown "$OUT/scaling_16cpu$sfx.md" 2>&1 | tail -12
+  done
+  for n in 8 16; do
+    timeout 90 python3 benchmarks/step_timeline.py --workers "$n" ${TIMELINE_THREADS:+--driver-threads $TIMELINE_THREADS} \
+      --markdown "$OUT/step_timeline_${n}_16cpu.md" 2>&1 | tail -8
+  done
+fi

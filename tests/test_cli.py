@@ -45,6 +45,7 @@ BAD = [
     (["--out", "picture.jpg"], "--out"),
     (["--stride", "99"], "--stride"),
     (["--checkpoint", "/no/such/dir/c.ckpt"], "--checkpoint"),
+    (["--driver-threads", "0"], "--driver-threads"),
 ]
 
 
@@ -82,7 +83,8 @@ def test_render_end_to_end_through_the_cli(tmp_path):
     out = tmp_path / "poster.png"
     proc = subprocess.run(
         [sys.executable, "-m", "apt_dist", "render", "--prompt", "a harbour at night", "--width", "384", "--height", "288",
-         "--steps", "6", "--shortcut-steps", "4", "--seed", "3", "--save-phases", "--no-progress", "--out", str(out)],
+         "--steps", "6", "--shortcut-steps", "4", "--seed", "3", "--save-phases", "--no-progress", "--driver-threads", "1",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
