@@ -73,6 +73,7 @@ def test_bench_scaling_and_workers_tiny(ray_local):
 @pytest.mark.parametrize("script,args", [
     ("transport_ab.py", ["--workers", "2"]),
     ("step_timeline.py", ["--workers", "2", "--driver-threads", "1"]),
+    ("checkout_ab.py", ["ROOT", "ROOT", "--workers", "2", "--rounds", "1", "--renders", "1"]),
 ])
 def test_benchmark_scripts_run_and_write_their_tables(script, args, tmp_path):
     """The scripts in benchmarks/ start their own Ray instance: run each in a fresh process, tiny settings."""
@@ -84,12 +85,12 @@ def test_benchmark_scripts_run_and_write_their_tables(script, args, tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "table.md"
     cmd = [sys.executable, str(root / "benchmarks" / script), "--steps", "4", "--seconds-per-patch", "0.001",
-           "--markdown", str(out), *args]
+           "--markdown", str(out), *[str(root) if a == "ROOT" else a for a in args]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ | {"RAY_USAGE_STATS_ENABLED": "0"})
     assert done.returncode == 0, done.stderr[-2000:]
     table = out.read_text()
     assert table.startswith("`python ")
-    assert ("| workers |" in table) or ("| phase |" in table)
+    assert ("| workers |" in table) or ("| phase |" in table) or ("| checkout |" in table)
     assert table.count("\n|") >= 3  # header, rule, at least one row
 
 

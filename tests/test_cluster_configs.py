@@ -132,6 +132,17 @@ def test_readme_commands_name_real_files():
         assert (ROOT / ref).is_file(), ref
 
 
+def test_readme_job_command_parses_with_the_cli():
+    import shlex
+
+    from apt_dist.cli import build_parser
+
+    text = (ROOT / "cluster" / "README.md").read_text()
+    block = re.search(r"python -m apt_dist render (.*?)\nray rsync-down", text, re.S).group(1).replace("\\\n", " ")
+    ns = build_parser().parse_args(["render", *shlex.split(block)])
+    assert (ns.workers, ns.view_batch_size, ns.driver_threads) == (16, 4, 4)
+
+
 # ---- examples/poster.py -----------------------------------------------------------------------
 
 

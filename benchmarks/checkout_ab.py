@@ -1,0 +1,97 @@
+"""Two versions of apt-dist side by side: the simulated 4096x4096 APT render on the same machine, alternating.
+
+Each checkout (a folder holding `apt_dist/`, say a `git worktree` of an older commit) renders in a
+fresh process of this Python: the zero-cost warm-up, one Ray instance, `--workers` simulated
+actors, a warm-up render, then `--renders` timed ones. The checkouts take turns `--rounds`
+times, so a noisy machine disturbs both alike. Usage:
+  git worktree add /tmp/old REV
+  python benchmarks/checkout_ab.py /tmp/old . --workers 8 --markdown benchmarks/results/checkout_ab_8.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+# Runs inside each checkout; only what every version of the package has had since the scaling benchmark.
+ONE_CHECKOUT = r"""
+import json, os, sys
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import ray
+import apt_dist
+from apt_dist.bench import ZeroExecutor, _render, sampling_seconds
+from apt_dist.config import RenderConfig
+from apt_dist.plan import plan
+from apt_dist.ray_executor import RayExecutor
+workers, renders, spp, steps = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+cfg = RenderConfig(model="sdxl-random", width=4096, height=4096, steps=steps, dtype="float16")
+_render(cfg, ZeroExecutor())
+ray.init(address="local", num_cpus=workers + 2, include_dashboard=False, log_to_driver=False)
+with RayExecutor(num_workers=workers, simulate_seconds_per_patch=spp, cpus_per_worker=1) as ex:
+    _render(cfg, ex)
+    walls = [sampling_seconds(_render(cfg, ex)) for _ in range(renders)]
+ray.shutdown()
+print("RESULT " + json.dumps({"walls": walls, "timing": plan(cfg).timing(workers, spp), "package": apt_dist.__file__}))
+"""
+
+
+def label(checkout: str) -> str:
+    """The folder, and its git commit when it is a checkout ("+" when it has uncommitted changes)."""
+    def git(*a):
+        return subprocess.run(["git", "-C", checkout, *a], capture_output=True, text=True).stdout.strip()
+
+    rev = git("rev-parse", "--short", "HEAD")
+    return f"{checkout} ({rev}{'+' if git('status', '--porcelain', '--untracked-files=no') else ''})" if rev else checkout
+
+
+def run_once(checkout: str, workers: int, renders: int, seconds_per_patch: float, steps: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", ONE_CHECKOUT, str(workers), str(renders), str(seconds_per_patch), str(steps)],
+                          cwd=checkout, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"checkout {checkout}: the render failed:\n{proc.stderr[-2000:]}")
+    out = json.loads(lines[-1][len("RESULT "):])
+    if not out["package"].startswith(os.path.abspath(checkout) + os.sep):
+        raise SystemExit(f"checkout {checkout}: imported {out['package']} instead of its own apt_dist")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkouts", nargs=2, help="two folders, each holding an apt_dist package")
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--renders", type=int, default=2, help="timed renders per checkout and round")
+    ap.add_argument("--seconds-per-patch", type=float, default=0.035)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--markdown", default=None)
+    args = ap.parse_args()
+    from apt_dist.bench import Table, _pct, write_markdown
+
+    walls: dict[str, list[float]] = {c: [] for c in args.checkouts}
+    for _ in range(args.rounds):
+        for c in args.checkouts:
+            out = run_once(c, args.workers, args.renders, args.seconds_per_patch, args.steps)
+            walls[c] += out["walls"]
+            timing = out["timing"]
+    table = Table(
+        f"Two checkouts side by side: sdxl-random 4096x4096 APT, {args.steps} steps, {args.workers} simulated workers at "
+        f"{1000 * args.seconds_per_patch:g} ms/patch, {args.rounds} rounds x {args.renders} renders each",
+        ["checkout", "walls s", "median s", "vs bound", "vs ideal"],
+        [[label(c), " ".join(f"{w:.2f}" for w in walls[c]), statistics.median(walls[c]),
+          _pct(timing["barrier_s"] / statistics.median(walls[c])), _pct(timing["ideal_s"] / statistics.median(walls[c]))]
+         for c in args.checkouts],
+        [f"barrier bound {timing['barrier_s']:.2f} s, ideal {timing['ideal_s']:.2f} s; walls: sampling phases, in run order"],
+    )
+    print(table.text())
+    if args.markdown:
+        write_markdown(args.markdown, table, "python " + " ".join(sys.argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
