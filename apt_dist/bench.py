@@ -375,6 +375,13 @@ def run(what: str, overrides: dict, ns, command: str | None = None) -> int:
     return 0
 
 
+def emit(table: Table, markdown: str | None) -> None:
+    """A benchmark script's end: print its table; with `markdown`, also write it, headed by the script's command."""
+    print(table.text())
+    if markdown:
+        write_markdown(markdown, table, "python " + " ".join(sys.argv))
+
+
 def write_markdown(path: str, table: Table, command: str, info: dict | None = None) -> None:
     """A results file: the command that made it, the machine, then the table."""
     info = info or machine()

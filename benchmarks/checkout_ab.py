@@ -42,7 +42,7 @@ print("RESULT " + json.dumps({"walls": walls, "timing": plan(cfg).timing(workers
 def label(checkout: str) -> str:
     """The folder, and its git commit when it is a checkout ("+" when it has uncommitted changes)."""
     def git(*a):
-        return subprocess.run(["git", "-C", checkout, *a], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "-C", checkout, *a], capture_output=True, text=True, check=False).stdout.strip()
 
     rev = git("rev-parse", "--short", "HEAD")
     return f"{checkout} ({rev}{'+' if git('status', '--porcelain', '--untracked-files=no') else ''})" if rev else checkout
@@ -50,7 +50,7 @@ def label(checkout: str) -> str:
 
 def run_once(checkout: str, workers: int, renders: int, seconds_per_patch: float, steps: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", ONE_CHECKOUT, str(workers), str(renders), str(seconds_per_patch), str(steps)],
-                          cwd=checkout, capture_output=True, text=True)
+                          cwd=checkout, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise SystemExit(f"checkout {checkout}: the render failed:\n{proc.stderr[-2000:]}")
@@ -70,7 +70,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
-    from apt_dist.bench import Table, _pct, write_markdown
+    from apt_dist.bench import Table, _pct, emit
 
     walls: dict[str, list[float]] = {c: [] for c in args.checkouts}
     for _ in range(args.rounds):
@@ -87,9 +87,7 @@ def main() -> int:
          for c in args.checkouts],
         [f"barrier bound {timing['barrier_s']:.2f} s, ideal {timing['ideal_s']:.2f} s; walls: sampling phases, in run order"],
     )
-    print(table.text())
-    if args.markdown:
-        write_markdown(args.markdown, table, "python " + " ".join(sys.argv))
+    emit(table, args.markdown)
     return 0
 
 

@@ -20,7 +20,7 @@ import time
 import ray
 import torch
 
-from apt_dist.bench import Table, write_markdown
+from apt_dist.bench import Table, emit
 from apt_dist.config import RenderConfig
 from apt_dist.plan import plan
 from apt_dist.ray_executor import RayExecutor
@@ -94,7 +94,7 @@ def main() -> int:
         unit_ms = 1000 * args.seconds_per_patch * ph.patches_per_step / units
         bound = math.ceil(units / args.workers) * unit_ms
 
-        def med(event, pick):
+        def med(event, pick, st=st):
             return statistics.median(pick([t for e, t in m if e == event]) for m in st) * 1000
 
         end = med("end", max)
@@ -109,11 +109,9 @@ def main() -> int:
         ["phase", "size", "units/step", "bound ms", "before predict", "first submit", "last submit",
          "first reply", "last reply", "last reply used", "step end", "over bound", "using replies"], rows,
         ["bound ms: the barrier bound of one step (the largest share x the unit time); over bound: step end - bound",
-         "a reply's time is when the driver takes it up; used: when its guidance, steps and fusion are done; "
-         "using replies: their sum over the step (ms)"])
-    print(table.text())
-    if args.markdown:
-        write_markdown(args.markdown, table, "python " + " ".join(sys.argv))
+         ("a reply's time is when the driver takes it up; used: when its guidance, steps and fusion are done; "
+          "using replies: their sum over the step (ms)")])
+    emit(table, args.markdown)
     return 0
 
 
