@@ -19,7 +19,7 @@ import sys
 
 import ray
 
-from apt_dist.bench import Table, _pct, machine, sampling_seconds, write_markdown
+from apt_dist.bench import Table, _pct, emit, machine, sampling_seconds
 from apt_dist.config import RenderConfig
 from apt_dist.plan import plan
 from apt_dist.ray_executor import RayExecutor
@@ -77,12 +77,10 @@ def main() -> int:
          + [v for m in MODES for v in (r[m]["wall_s"], _pct(r["barrier_s"] / r[m]["wall_s"]), _pct(r["ideal_s"] / r[m]["wall_s"]))]
          for r in rows],
         ["wall seconds of sampling; vs bound = barrier bound / wall; vs ideal = (patch time / workers) / wall"])
-    print(table.text())
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": cmd, "machine": machine(), "plan_patch_evals": p.unet_patch_evals, "rows": rows}, f, indent=2)
-    if args.markdown:
-        write_markdown(args.markdown, table, cmd)
+    emit(table, args.markdown)
     return 0
 
 
