@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from . import channel, shared_memory
-from .executor import Executor, RenderContext, WorkUnit, patch_shapes
+from .executor import DeferredPatches, Executor, RenderContext, WorkUnit, patch_shapes
 from .worker import ContextMissing, UNetWorker
 
 
@@ -282,8 +282,9 @@ class RayExecutor(Executor):
         def receive(idx, outs):
             deliver(idx, [staging.output(k) if o is None else _as_tensor(o) for k, o in zip(idx, outs)])
 
+        made = len(patches.head) if isinstance(patches, DeferredPatches) else len(patches)  # patches that exist now
         self._dispatch(len(units), submit, receive, weights=[len(u.rows) / 2 for u in units], what=f"timestep {timestep}",
-                       meanwhile=meanwhile)
+                       meanwhile=meanwhile, ready=lambda k: units[k].patches[-1] < made)
 
     def _direct(self, w: WorkerState) -> bool:
         """Whether w's predict calls go over its socket (else through Ray)."""
@@ -315,10 +316,11 @@ class RayExecutor(Executor):
                        _store(results), weights=[0], what="decode statistics")
         return results[0]
 
-    def _dispatch(self, n: int, submit, receive, weights: list[float], what: str, meanwhile=None) -> None:
+    def _dispatch(self, n: int, submit, receive, weights: list[float], what: str, meanwhile=None, ready=None) -> None:
         """Run items 0..n-1 on live workers: `submit(worker, indices)` -> ref; `receive(indices, outputs)` per reply.
 
         `meanwhile()`, the caller's own work, runs once, as soon as the first calls are out.
+        `ready(item)`: whether the item can be sent without first making its input (see `_shares`).
         """
         import ray
 
@@ -328,7 +330,7 @@ class RayExecutor(Executor):
             live = [w for w in self.workers if w.alive]
             idle = [w for w in live if w.in_flight == 0]
             if queue and idle:
-                for w, idx in _shares(queue, idle):
+                for w, idx in _shares(queue, idle, ready):
                     in_flight[submit(w, idx)] = (w, idx)
                     w.in_flight += 1
             if meanwhile is not None and in_flight:
@@ -450,23 +452,37 @@ class RayExecutor(Executor):
 STREAM_SHARE_UNITS = 32
 
 
-def _shares(queue: deque, idle: list[WorkerState]) -> list[tuple[WorkerState, list[int]]]:
-    """Share the queue out to the idle workers: equal contiguous shares, in submission order.
+def _shares(queue: deque, idle: list[WorkerState], ready=None) -> list[tuple[WorkerState, list[int]]]:
+    """Share the queue out to the idle workers: equal shares, in submission order.
 
     Units are equal work, so shares that differ by at most one meet the per-step barrier
-    bound with the fewest calls; the larger shares go first, since they start first. A long
-    share (few workers) is sent as two calls that the actor runs back to back, the bulk and
-    then its last eighth: the driver guides and steps the bulk's reply while the worker
-    computes the tail, instead of all of it after the worker's last unit. (With shares of
-    16 units or fewer the extra call measured no better, through Ray or over a socket.)
+    bound with the fewest calls. The larger shares go first, since they start first; even so
+    they reply about a unit's time after the others, so they take the last of the units that
+    are ready to send (`ready(unit)`: no deferred patch to make first). The driver uses the
+    predictions in unit order (the sampler sums its windows in window order), and the replies
+    that come last then hold the units it uses last: it has summed the rest while those ran.
+    The other shares take the remaining units in queue order, deferred ones last.
+
+    A long share (few workers) is sent as two calls that the actor runs back to back, the bulk
+    and then its last eighth: the driver guides and steps the bulk's reply while the worker
+    computes the tail, instead of all of it after the worker's last unit. (With shares of 16
+    units or fewer the extra call measured no better, through Ray or over a socket.)
     """
     n, k = len(queue), len(idle)
-    bulk, tails = [], []
-    for j, w in enumerate(idle):
-        take = n // k + (1 if j < n % k else 0)
+    items = list(queue)
+    queue.clear()
+    sizes = [n // k + (1 if j < n % k else 0) for j in range(k)]
+    larger = (n % k) * (n // k + 1) if n >= k else 0  # units in the larger shares (0: all shares equal)
+    ready_items = [u for u in items if ready is None or ready(u)]
+    if 0 < larger <= len(ready_items):
+        last = ready_items[len(ready_items) - larger :]
+        taken = set(last)
+        items = last + [u for u in items if u not in taken]
+    bulk, tails, start = [], [], 0
+    for w, take in zip(idle, sizes):
         if not take:
             continue
-        idx = [queue.popleft() for _ in range(take)]
+        idx, start = items[start : start + take], start + take
         tail = take // 8 if take >= STREAM_SHARE_UNITS else 0
         bulk.append((w, idx[: take - tail]))
         if tail:
@@ -488,14 +504,14 @@ class _Staging:
     In the shared buffer: every patch in patch order (a unit's patches are consecutive and of
     one shape, so each unit reads one contiguous block), then every unit's output rows. A
     patch is written just before the first call that needs it, so the first worker starts
-    before the last patch is converted. Workers without the buffer get numpy arrays.
+    before the other patches are converted. Workers without the buffer get numpy arrays.
     """
 
     def __init__(self, units: list[WorkUnit], patches, dtype, buf: shared_memory.SharedBuffer | None):
         self.units, self.patches, self.dtype, self.buf = units, patches, np.dtype(dtype), buf
         self.shapes = patch_shapes(patches)  # known before deferred patches are made
         self.torch_dtype = torch.float16 if self.dtype == np.float16 else torch.float32
-        self.written = 0
+        self.written = [False] * len(self.shapes)
         if buf is None:
             return
         self.in_off, off = [], 0
@@ -518,11 +534,11 @@ class _Staging:
         if not (shared and self.buf is not None):
             x = torch.stack([self.patches[p] for p in uniq]).to(self.torch_dtype).numpy()
             return x, rows, unit_crops, None
-        while self.written <= uniq[-1]:
-            p = self.written
-            dst = self.buf.array(self.in_off[p], self.shapes[p], self.dtype)
-            torch.from_numpy(dst).copy_(self.patches[p])
-            self.written += 1
+        for p in uniq:
+            if not self.written[p]:
+                dst = self.buf.array(self.in_off[p], self.shapes[p], self.dtype)
+                torch.from_numpy(dst).copy_(self.patches[p])
+                self.written[p] = True
         path = self.buf.path
         return (path, self.in_off[uniq[0]], shape, self.dtype.str), rows, unit_crops, (path, self.out_off[k])
 

@@ -38,7 +38,7 @@ class TimedExecutor(RayExecutor):
         self.marks.append(("predict", time.perf_counter()))
         return super().predict(*a, **kw)
 
-    def _dispatch(self, n, submit, receive, weights, what, meanwhile=None):
+    def _dispatch(self, n, submit, receive, weights, what, **kw):
         def timed_submit(w, idx):
             ref = submit(w, idx)
             self.marks.append(("submit", time.perf_counter()))
@@ -49,7 +49,7 @@ class TimedExecutor(RayExecutor):
             receive(idx, outs)
             self.marks.append(("used", time.perf_counter()))
 
-        return super()._dispatch(n, timed_submit, timed_receive, weights, what, meanwhile)
+        return super()._dispatch(n, timed_submit, timed_receive, weights, what, **kw)
 
 
 def main() -> int:

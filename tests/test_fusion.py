@@ -91,22 +91,39 @@ def test_guidance_refuses_lost_and_repeated_units():
         guidance.finish()
 
 
-def test_shares_are_equal_contiguous_and_long_ones_stream_a_tail():
+def test_shares_are_equal_the_larger_first_holding_the_last_ready_units():
+    from collections import deque
+
+    from apt_dist.ray_executor import WorkerState, _shares
+
+    workers = [WorkerState(handle=None, index=i) for i in range(3)]
+    calls = _shares(deque(range(10)), workers)  # short shares: one call each, the larger first
+    assert [(w.index, idx) for w, idx in calls] == [(0, [6, 7, 8, 9]), (1, [0, 1, 2]), (2, [3, 4, 5])]
+    # Units 8 and 9 need deferred patches: the larger share takes the last ready ones instead.
+    calls = _shares(deque(range(10)), workers, ready=lambda u: u < 8)
+    assert [(w.index, idx) for w, idx in calls] == [(0, [4, 5, 6, 7]), (1, [0, 1, 2]), (2, [3, 8, 9])]
+    # Equal shares, or too few ready units to fill the larger shares: queue order.
+    assert [idx for _, idx in _shares(deque(range(9)), workers)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert [idx for _, idx in _shares(deque(range(10)), workers, ready=lambda u: u < 3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    # Fewer units than workers: one each. A re-queued queue: positions in the queue count, not unit numbers.
+    assert [(w.index, idx) for w, idx in _shares(deque([5, 2]), workers)] == [(0, [5]), (1, [2])]
+    assert [idx for _, idx in _shares(deque([9, 3, 4, 0]), workers)] == [[4, 0], [9], [3]]
+
+
+def test_long_shares_stream_a_tail():
     from collections import deque
 
     from apt_dist.ray_executor import STREAM_SHARE_UNITS, WorkerState, _shares
 
-    workers = [WorkerState(handle=None, index=i) for i in range(3)]
-    calls = _shares(deque(range(10)), workers)  # short shares: one call each, larger first
-    assert [(w.index, idx) for w, idx in calls] == [(0, [0, 1, 2, 3]), (1, [4, 5, 6]), (2, [7, 8, 9])]
-
+    workers = [WorkerState(handle=None, index=i) for i in range(2)]
     n = 2 * STREAM_SHARE_UNITS + 1
-    calls = _shares(deque(range(n)), workers[:2])
+    calls = _shares(deque(range(n)), workers)
     assert [w.index for w, _ in calls] == [0, 1, 0, 1]  # every bulk first, then the tails
     assert sorted(i for _, idx in calls for i in idx) == list(range(n))
     (_, bulk0), (_, bulk1), (_, tail0), (_, tail1) = calls
-    assert bulk0 + tail0 == list(range(STREAM_SHARE_UNITS + 1)) and len(tail0) == (STREAM_SHARE_UNITS + 1) // 8
-    assert bulk1 + tail1 == list(range(STREAM_SHARE_UNITS + 1, n)) and len(tail1) == STREAM_SHARE_UNITS // 8
+    # The larger share (first out) holds the last units.
+    assert bulk0 + tail0 == list(range(STREAM_SHARE_UNITS, n)) and len(tail0) == (STREAM_SHARE_UNITS + 1) // 8
+    assert bulk1 + tail1 == list(range(STREAM_SHARE_UNITS)) and len(tail1) == STREAM_SHARE_UNITS // 8
 
 
 def test_deferred_patches_make_their_tail_once_and_only_when_needed():
