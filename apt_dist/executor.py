@@ -40,9 +40,9 @@ class DeferredPatches(Sequence):
     makes the tail (the sampler's blurred sub-lattices). `seconds`: time spent making it.
     """
 
-    def __init__(self, head: list[torch.Tensor], tail_shapes: list[tuple[int, ...]], make_tail):
+    def __init__(self, head: Sequence, tail_shapes: list[tuple[int, ...]], make_tail):
         self.head, self.make_tail = head, make_tail
-        self.shapes = [tuple(p.shape) for p in head] + [tuple(sh) for sh in tail_shapes]
+        self.shapes = patch_shapes(head) + [tuple(sh) for sh in tail_shapes]
         self.tail: list[torch.Tensor] | None = None
         self.seconds = 0.0
 
@@ -66,8 +66,9 @@ class DeferredPatches(Sequence):
 
 
 def patch_shapes(patches) -> list[tuple[int, ...]]:
-    """Every patch's shape, without making deferred patches."""
-    return list(patches.shapes) if isinstance(patches, DeferredPatches) else [tuple(p.shape) for p in patches]
+    """Every patch's shape, without making deferred or lazy patches (a sequence with `shapes`)."""
+    shapes = getattr(patches, "shapes", None)
+    return [tuple(sh) for sh in shapes] if shapes is not None else [tuple(p.shape) for p in patches]
 
 
 def make_units(shapes: list[tuple[int, ...]], batch_size: int, split_guidance: bool) -> list[WorkUnit]:

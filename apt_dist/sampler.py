@@ -31,7 +31,7 @@ from . import schedules as S
 from .config import RenderConfig
 from .executor import DeferredPatches, Executor, InProcessExecutor, RenderContext
 from .fusion import WindowAverage
-from .geometry import crop_pixels, gaussian_blur, jitter_range, lattice_offsets, local_windows
+from .geometry import WindowViews, crop_pixels, gaussian_blur, jitter_range, lattice_offsets, local_windows
 from .matching import ReferenceStats, standardize_to, statistical_matching
 from .outputs import to_pil
 from .plan import PhasePlan, Plan, build_plan
@@ -233,9 +233,9 @@ class _Sampler:
             # Skip residual towards the noised upsampled latent of this step.
             x = torch.lerp(noised, x, 1 - c1)  # (1 - c1) x + c1 noised, one pass
 
-            # Local views: jittered windows of the zero-padded latent.
+            # Local views: jittered windows of the zero-padded latent (views made on first use).
             xp = F.pad(x, (jr, jr, jr, jr))
-            local_views = [xp[(0, slice(None), *win.slices())] for win in windows]
+            local_views = WindowViews(xp, windows)
             crops = [crop_pixels(win, jr, self.plan.vae_scale) for win in windows]
 
             # Dilated views: the UNet sees the blurred sub-lattices, re-standardised to x; each
@@ -251,17 +251,16 @@ class _Sampler:
             # blurred ones are made when the executor first needs them: the calls for the local
             # windows are already running while the driver blurs.
             xp_in = S.scale_model_input(sched, xp, i)
-            local_in = [xp_in[(0, slice(None), *win.slices())] for win in windows]
-            model_in = DeferredPatches(local_in, [lat.shape for lat in lattices], dilated_inputs)
+            model_in = DeferredPatches(WindowViews(xp_in, windows), [lat.shape for lat in lattices], dilated_inputs)
 
             # Each view is stepped as soon as its prediction is back, while other UNet calls still
             # run: the windows are averaged where they overlap, the sub-lattices written in place.
-            stepped_from = local_views + lattices
             average = WindowAverage(x.shape[1], *xp.shape[-2:], windows)
             x_dilated = torch.empty_like(x)
 
             def then(ks: list[int], eps: torch.Tensor) -> None:  # a batch of views of one shape
-                stepped = S.step(sched, torch.stack([stepped_from[k] for k in ks]), eps, i)
+                views = [local_views[k] if k < len(windows) else lattices[k - len(windows)] for k in ks]
+                stepped = S.step(sched, torch.stack(views), eps, i)
                 for k, s in zip(ks, stepped):
                     if k < len(windows):
                         average.add(k, s)

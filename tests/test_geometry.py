@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from apt_dist.geometry import (
+    WindowViews,
     count_local_windows,
     crop_pixels,
     dilation_factor,
@@ -68,6 +69,23 @@ def test_jitter_moves_windows_and_is_seeded():
     c = local_windows(64, 64, 16, 8, torch.Generator().manual_seed(2))
     plain = local_windows(64, 64, 16, 8, None)
     assert a == b and a != c and a != plain
+
+
+def test_window_views_are_the_windows_of_the_latent_made_on_first_use():
+    from apt_dist.executor import DeferredPatches, patch_shapes
+
+    jr = jitter_range(16, 8)
+    x = torch.nn.functional.pad(torch.randn(1, 4, 40, 48), (jr,) * 4)
+    windows = local_windows(40, 48, 16, 8, torch.Generator().manual_seed(3))
+    views = WindowViews(x, windows)
+    dp = DeferredPatches(views, [(4, 20, 24)], lambda: [torch.zeros(4, 20, 24)])
+    assert patch_shapes(dp)[: len(windows)] == [(4, 16, 16)] * len(windows)
+    assert views._views == [None] * len(windows)  # shapes made no view
+    k = len(windows) // 2
+    ys, xs = windows[k].slices()
+    assert torch.equal(dp[k], x[0, :, ys, xs]) and dp[k].data_ptr() == x[0, :, ys, xs].data_ptr()  # a view, no copy
+    assert sum(v is not None for v in views._views) == 1 and views[k] is views[k]
+    assert [torch.equal(views[j], x[0, :, w.top : w.top + 16, w.left : w.left + 16]) for j, w in enumerate(windows)] == [True] * len(windows)
 
 
 def test_crop_coordinates_are_top_left_pixels():
