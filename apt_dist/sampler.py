@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import schedules as S
 from .config import RenderConfig
-from .executor import DeferredPatches, Executor, InProcessExecutor, RenderContext
+from .executor import DeferredPatches, Executor, InProcessExecutor, RenderContext, batch
 from .fusion import WindowAverage
 from .geometry import WindowViews, crop_pixels, gaussian_blur, jitter_range, lattice_offsets, local_windows
 from .matching import ReferenceStats, standardize_to, statistical_matching
@@ -260,7 +260,7 @@ class _Sampler:
 
             def then(ks: list[int], eps: torch.Tensor) -> None:  # a batch of views of one shape
                 views = [local_views[k] if k < len(windows) else lattices[k - len(windows)] for k in ks]
-                stepped = S.step(sched, torch.stack(views), eps, i)
+                stepped = S.step(sched, batch(views), eps, i)
                 for k, s in zip(ks, stepped):
                     if k < len(windows):
                         average.add(k, s)
