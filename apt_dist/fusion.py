@@ -19,7 +19,7 @@ class WindowAverage:
     def __init__(self, channels: int, height: int, width: int, windows: list[Window]):
         self.windows, self.shape = windows, (channels, height, width)
         self.value: torch.Tensor | None = None
-        self.count: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None  # windows over each position, at least 1 (the divisor)
         self._pending: dict[int, torch.Tensor] = {}
         self._next = 0
 
@@ -34,6 +34,7 @@ class WindowAverage:
         for win in self.windows:
             ys, xs = win.slices()
             self.count[:, ys, xs] += 1
+        self.count.clamp_(min=1)  # uncovered positions: 0 / 1
 
     def add(self, k: int, view: torch.Tensor) -> None:
         """Window k's values [C, h, w]."""
@@ -44,9 +45,9 @@ class WindowAverage:
             self.value[:, ys, xs] += self._pending.pop(self._next)
             self._next += 1
 
-    def result(self) -> torch.Tensor:
-        """[C, H, W]: the average where windows cover, 0 elsewhere."""
+    def result(self, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+        """[C, H, W] (or the region rows x cols): the average where windows cover, 0 elsewhere."""
         if self._next != len(self.windows):
             raise RuntimeError(f"window {self._next} of {len(self.windows)} never arrived")
         self.prepare()  # no windows at all
-        return self.value / self.count.clamp(min=1)
+        return self.value[:, rows, cols] / self.count[:, rows, cols]

@@ -275,7 +275,7 @@ class _Sampler:
                 average.prepare()
 
             self.ex.predict(t, model_in, crops + [(0, 0)] * len(offsets), then=then, meanwhile=meanwhile)
-            x_local = average.result()[None, :, jr : jr + h, jr : jr + w]
+            x_local = average.result(slice(jr, jr + h), slice(jr, jr + w))[None]  # the latent, without the padding
 
             x = torch.lerp(x_local, x_dilated, c2)  # (1 - c2) local + c2 dilated, one pass
             self._check(x, phase, i, t)

@@ -33,6 +33,7 @@ def test_window_average_is_bit_identical_for_every_arrival_order():
         count[:, ys, xs] += 1
     assert torch.equal(results[0], value / count.clamp(min=1))
     assert torch.equal(results[0][:, 6, :], torch.zeros(3, 7))  # row 6 is covered by no window
+    assert torch.equal(avg.result(slice(1, 5), slice(2, 7)), results[0][:, 1:5, 2:7])  # a region: the same values
 
 
 def test_window_average_prepared_early_or_on_first_add_is_the_same():
@@ -40,7 +41,7 @@ def test_window_average_prepared_early_or_on_first_add_is_the_same():
     views = [torch.randn(3, 4, 4, generator=g) for _ in _windows()]
     early, lazy = WindowAverage(3, 7, 7, _windows()), WindowAverage(3, 7, 7, _windows())
     early.prepare()
-    assert torch.equal(early.count[0, 0], torch.tensor([1.0, 1, 2, 2, 1, 1, 0]))  # counted before any window
+    assert torch.equal(early.count[0, 0], torch.tensor([1.0, 1, 2, 2, 1, 1, 1]))  # counted before any window (0 -> 1)
     for avg in (early, lazy):
         for k in (2, 0, 3, 1):
             avg.add(k, views[k])
