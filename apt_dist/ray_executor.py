@@ -4,9 +4,10 @@ The driver keeps everything that decides the image (latents, generators, schedul
 fusion); workers only answer work units. Per timestep:
 
   1. the units (fixed by `executor.make_units`, never by the worker count) go into a queue;
-  2. the queue is shared out equally (contiguous runs, sizes differing by at most one) among the
-     idle live workers, one call each (two for a long share, see `_shares`): units are equal
-     work, so this meets the per-step barrier bound with the fewest calls; one wait loop
+  2. the queue is shared out equally (sizes differing by at most one; the larger shares hold the
+     units the driver uses last) among the idle live workers, one call each (two for a long
+     share, see `_shares`): units are equal work, so this meets the per-step barrier bound
+     with the fewest calls; one wait loop
      gathers the replies, of Ray calls (`ray.wait`) and of socket calls (`channel.wait`);
   3. a call that fails because its worker died puts its units back in the queue; the worker
      is pinged, and comes back into rotation if Ray restarts it (`max_restarts`);
