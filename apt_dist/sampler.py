@@ -258,14 +258,17 @@ class _Sampler:
             average = WindowAverage(x.shape[1], *xp.shape[-2:], windows)
             x_dilated = torch.empty_like(x)
 
-            def then(ks: list[int], eps: torch.Tensor) -> None:  # a batch of views of one shape
-                views = [local_views[k] if k < len(windows) else lattices[k - len(windows)] for k in ks]
+            nw = len(windows)
+
+            def then(ks: list[int], eps: torch.Tensor, i=i, nw=nw, local_views=local_views, lattices=lattices,
+                     average=average, x_dilated=x_dilated) -> None:  # a batch of views of one shape (this step's)
+                views = [local_views[k] if k < nw else lattices[k - nw] for k in ks]
                 stepped = S.step(sched, batch(views), eps, i)
                 for k, s in zip(ks, stepped):
-                    if k < len(windows):
+                    if k < nw:
                         average.add(k, s)
                     else:
-                        a, b = offsets[k - len(windows)]
+                        a, b = offsets[k - nw]
                         x_dilated[0, :, a::d, b::d] = s
 
             def meanwhile(i=i, average=average):  # while the UNet calls run: the next step's draws, this step's sums
