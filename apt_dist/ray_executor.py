@@ -474,11 +474,12 @@ def _shares(queue: deque, idle: list[WorkerState], ready=None) -> list[tuple[Wor
     queue.clear()
     sizes = [n // k + (1 if j < n % k else 0) for j in range(k)]
     larger = (n % k) * (n // k + 1) if n >= k else 0  # units in the larger shares (0: all shares equal)
-    ready_items = [u for u in items if ready is None or ready(u)]
-    if 0 < larger <= len(ready_items):
-        last = ready_items[len(ready_items) - larger :]
-        taken = set(last)
-        items = last + [u for u in items if u not in taken]
+    if larger:
+        ready_items = [u for u in items if ready is None or ready(u)]
+        if larger <= len(ready_items):
+            last = ready_items[len(ready_items) - larger :]
+            taken = set(last)
+            items = last + [u for u in items if u not in taken]
     bulk, tails, start = [], [], 0
     for w, take in zip(idle, sizes):
         if not take:
