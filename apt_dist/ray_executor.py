@@ -7,8 +7,8 @@ fusion); workers only answer work units. Per timestep:
   2. the queue is shared out equally (sizes differing by at most one; the larger shares hold the
      units the driver uses last) among the idle live workers, one call each (two for a long
      share, see `_shares`): units are equal work, so this meets the per-step barrier bound
-     with the fewest calls; one wait loop
-     gathers the replies, of Ray calls (`ray.wait`) and of socket calls (`channel.wait`);
+     with the fewest calls; one wait loop gathers the replies, of Ray calls (`ray.wait`) and
+     of socket calls (`channel.wait`);
   3. a call that fails because its worker died puts its units back in the queue; the worker
      is pinged, and comes back into rotation if Ray restarts it (`max_restarts`);
   4. each reply is handed to the sampler as it arrives (guidance, then the scheduler step of
