@@ -5,9 +5,10 @@
 #   bash benchmarks/device_check.sh [gpu] [scaling]   (both when none is named)
 #   gpu:     benchmarks/gpu_check.py: sdxl-random 2048x2048 in-process (apt, demofusion) and on one Ray worker;
 #            apt-dist bench overhead.
-#   scaling: apt-dist bench scaling at 4, 8 and 16 workers on 16 cores instead of this repo's usual 2, the driver on
-#            each of DRIVER_THREADS (default: "default 4", torch's own count and 4); the per-step timeline at 8 and
-#            16 workers (driver on TIMELINE_THREADS, default torch's own).
+#   scaling: apt-dist bench scaling at WORKERS (default 4,8,16) on 16 cores instead of this repo's usual 2, the driver
+#            on each of DRIVER_THREADS (default: "default 4", torch's own count and 4), REPEATS times each (default 1;
+#            repeats go to *_r2, *_r3 ...); the per-step timeline at each of TIMELINE_WORKERS (default "8 16"), driver on
+#            TIMELINE_THREADS (default torch's own).
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 PARTS=${*:-gpu scaling}
@@ -27,10 +28,13 @@ if [[ " $PARTS " == *" scaling "* ]]; then
   for t in ${DRIVER_THREADS:-default 4}; do  # the driver's torch threads: torch's default (one per core), or t
     opt=(); sfx=""
     [[ $t != default ]] && opt=(--driver-threads "$t") && sfx="_driver$t"
-    timeout 170 python3 -m apt_dist bench scaling --workers 4,8,16 "${opt[@]}" \
-      --json "$OUT/scaling_16cpu$sfx.json" --markdown "$OUT/scaling_16cpu$sfx.md" 2>&1 | tail -12
+    for r in $(seq 1 "${REPEATS:-1}"); do
+      rs=""; [[ $r != 1 ]] && rs="_r$r"
+      timeout 170 python3 -m apt_dist bench scaling --workers "${WORKERS:-4,8,16}" "${opt[@]}" \
+        --json "$OUT/scaling_16cpu$sfx$rs.json" --markdown "$OUT/scaling_16cpu$sfx$rs.md" 2>&1 | tail -12
+    done
   done
-  for n in 8 16; do
+  for n in ${TIMELINE_WORKERS:-8 16}; do
     timeout 90 python3 benchmarks/step_timeline.py --workers "$n" ${TIMELINE_THREADS:+--driver-threads $TIMELINE_THREADS} \
       --markdown "$OUT/step_timeline_${n}_16cpu.md" 2>&1 | tail -8
   done
