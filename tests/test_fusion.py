@@ -98,17 +98,35 @@ def test_shares_are_equal_the_larger_first_holding_the_last_ready_units():
     from apt_dist.ray_executor import WorkerState, _shares
 
     workers = [WorkerState(handle=None, index=i) for i in range(3)]
-    calls = _shares(deque(range(10)), workers)  # short shares: one call each, the larger first
-    assert [(w.index, idx) for w, idx in calls] == [(0, [6, 7, 8, 9]), (1, [0, 1, 2]), (2, [3, 4, 5])]
+    calls = _shares(deque(range(10)), workers)  # the larger first; it sends its last unit alone, after the rest
+    assert [(w.index, idx) for w, idx in calls] == [(0, [6, 7, 8]), (1, [0, 1, 2]), (2, [3, 4, 5]), (0, [9])]
     # Units 8 and 9 need deferred patches: the larger share takes the last ready ones instead.
     calls = _shares(deque(range(10)), workers, ready=lambda u: u < 8)
-    assert [(w.index, idx) for w, idx in calls] == [(0, [4, 5, 6, 7]), (1, [0, 1, 2]), (2, [3, 8, 9])]
+    assert [(w.index, idx) for w, idx in calls] == [(0, [4, 5, 6]), (1, [0, 1, 2]), (2, [3, 8, 9]), (0, [7])]
     # Equal shares, or too few ready units to fill the larger shares: queue order.
     assert [idx for _, idx in _shares(deque(range(9)), workers)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
-    assert [idx for _, idx in _shares(deque(range(10)), workers, ready=lambda u: u < 3)] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert [idx for _, idx in _shares(deque(range(10)), workers, ready=lambda u: u < 3)] == [[0, 1, 2], [4, 5, 6], [7, 8, 9], [3]]
     # Fewer units than workers: one each. A re-queued queue: positions in the queue count, not unit numbers.
     assert [(w.index, idx) for w, idx in _shares(deque([5, 2]), workers)] == [(0, [5]), (1, [2])]
     assert [idx for _, idx in _shares(deque([9, 3, 4, 0]), workers)] == [[4, 0], [9], [3]]
+
+
+def test_the_shares_that_finish_last_send_their_last_unit_alone():
+    from collections import deque
+
+    from apt_dist.ray_executor import LAST_TAIL_MIN_UNITS, WorkerState, _shares
+
+    workers = [WorkerState(handle=None, index=i) for i in range(3)]
+    m = LAST_TAIL_MIN_UNITS
+    # Equal shares all finish last: each sends its last unit as a second call, after every first call.
+    calls = _shares(deque(range(3 * m)), workers)
+    assert [w.index for w, _ in calls] == [0, 1, 2, 0, 1, 2]
+    assert [idx for _, idx in calls[3:]] == [[m - 1], [2 * m - 1], [3 * m - 1]]
+    assert sorted(i for _, idx in calls for i in idx) == list(range(3 * m))
+    # Unequal: only the larger shares do; shares under the minimum never do.
+    calls = _shares(deque(range(3 * m + 2)), workers)
+    assert [(w.index, len(idx)) for w, idx in calls] == [(0, m), (1, m), (2, m), (0, 1), (1, 1)]
+    assert [len(idx) for _, idx in _shares(deque(range(3 * (m - 1))), workers)] == [m - 1] * 3
 
 
 def test_long_shares_stream_a_tail():
