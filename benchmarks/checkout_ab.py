@@ -44,6 +44,8 @@ def label(checkout: str) -> str:
     def git(*a):
         return subprocess.run(["git", "-C", checkout, *a], capture_output=True, text=True, check=False).stdout.strip()
 
+    if os.path.realpath(git("rev-parse", "--show-toplevel") or "/nonexistent") != os.path.realpath(checkout):
+        return checkout  # not a checkout of its own (a copied package inside another tree): no commit to name
     rev = git("rev-parse", "--short", "HEAD")
     return f"{checkout} ({rev}{'+' if git('status', '--porcelain', '--untracked-files=no') else ''})" if rev else checkout
 
