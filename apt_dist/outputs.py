@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -32,10 +32,12 @@ def png_metadata(prompt: str, seed: int, config_json: str, extra: dict | None = 
 def write_atomic(path: str | os.PathLike, write) -> Path:
     """Call `write(binary_file)` on a temporary file beside `path`, fsync it, then rename it into place.
 
-    A crash leaves either the old file or the new one, never half of one.
+    A crash leaves either the old file or the new one, never half of one. The file gets the
+    permissions of any newly created file (0666 less the umask), not mkstemp's private 0600.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

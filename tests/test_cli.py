@@ -97,3 +97,27 @@ def test_render_end_to_end_through_the_cli(tmp_path):
     assert Image.open(tmp_path / "poster.phase1.png").size == (128, 96)
     assert Image.open(tmp_path / "poster.phase2.png").size == (256, 192)
     assert not list(tmp_path.glob("*.tmp"))  # atomic write left nothing behind
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_permissions_of_a_new_file_and_leave_nothing_on_failure(tmp_path, umask):
+    import os
+    import stat
+
+    from apt_dist.outputs import write_atomic
+
+    old = os.umask(umask)
+    try:
+        path = write_atomic(tmp_path / "poster.png", lambda f: f.write(b"png"))
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"png"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, fail)
+    assert path.read_bytes() == b"png" and sorted(p.name for p in tmp_path.iterdir()) == ["poster.png"]
