@@ -217,7 +217,11 @@ def _executor_from_args(ns):
         raise ConfigError("--placement-timeout", f"must be > 0 seconds, got {ns.placement_timeout}")
     if ns.max_restarts < 0:
         raise ConfigError("--max-restarts", f"must be >= 0, got {ns.max_restarts}")
-    from .ray_executor import RayExecutor
+    from .ray_executor import RayExecutor, address_problem
+
+    problem = address_problem(ns.address)
+    if problem:
+        raise ConfigError("--address", problem)
 
     return RayExecutor(
         num_workers=workers,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import socket
 import tempfile
 import time
 import warnings
@@ -45,6 +46,41 @@ from .worker import ContextMissing, UNetWorker
 
 class ClusterError(RuntimeError):
     """The cluster cannot run the render: placement failed, or no worker is left."""
+
+
+# Where `ray start --head` leaves the address that `address="auto"` joins (Ray's default temp dir).
+RAY_CURRENT_CLUSTER = "/tmp/ray/ray_current_cluster"
+
+
+def address_problem(address: str | None, timeout_s: float = 5.0) -> str | None:
+    """Why `address` names no Ray cluster that answers, or None when it may.
+
+    ray.init retries an address that does not answer for minutes; this says so in seconds,
+    before any work. None and "local" (a new local instance) are not checked, nor "auto" when
+    neither RAY_ADDRESS nor a `ray start` on this machine names a cluster: Ray itself says at once
+    that it finds none.
+    """
+    if address in (None, "local"):
+        return None
+    target, via = address, ""
+    if address == "auto":
+        target = os.environ.get("RAY_ADDRESS", "")
+        via = " (auto: RAY_ADDRESS)"
+        if not target and os.path.isfile(RAY_CURRENT_CLUSTER):
+            with open(RAY_CURRENT_CLUSTER) as f:
+                target, via = f.read().strip(), f" (auto: the cluster last started on this machine, {RAY_CURRENT_CLUSTER})"
+        if target in ("", "auto", "local"):
+            return None
+    hostport = target.split("://", 1)[-1].rstrip("/")  # ray://HOST:PORT (Ray Client) too
+    host, sep, port = hostport.rpartition(":")
+    host = host.strip("[]")  # [IPv6]:PORT
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        return f"must be auto or HOST:PORT, got {target!r}{via}"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        return f"no Ray cluster answers at {host}:{port}{via}: {e.strerror or e}"
+    return None
 
 
 @dataclass
@@ -132,8 +168,14 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             # No address: join the cluster of a Ray job (RAY_ADDRESS is set there), else start a local instance.
             address = self.address or (None if os.environ.get("RAY_ADDRESS") else "local")
+            problem = address_problem(address)
+            if problem:
+                raise ClusterError(f"address {address!r}: {problem}")
             kw = {"log_to_driver": False} | ({"include_dashboard": False} if address == "local" else {})
-            ray.init(address=address, **(kw | self.ray_init_kwargs))
+            try:
+                ray.init(address=address, **(kw | self.ray_init_kwargs))
+            except ConnectionError as e:  # "auto" with no running instance, say
+                raise ClusterError(f"cannot join the Ray cluster at {address!r}: {e}") from None
             self._owns_ray = True
         worker_spec = self._worker_spec(context.model)
         # A float16 UNet casts its input to float16 and its output is float16: sending both ways in

@@ -46,6 +46,8 @@ BAD = [
     (["--stride", "99"], "--stride"),
     (["--checkpoint", "/no/such/dir/c.ckpt"], "--checkpoint"),
     (["--driver-threads", "0"], "--driver-threads"),
+    (["--address", "nohost"], "--address"),
+    (["--address", "127.0.0.1:1", "--workers", "2"], "--address"),  # nothing listens: an error in seconds, not Ray's minutes
 ]
 
 
@@ -121,3 +123,47 @@ def test_atomic_writes_get_the_permissions_of_a_new_file_and_leave_nothing_on_fa
     with pytest.raises(OSError, match="disk full"):
         write_atomic(path, fail)
     assert path.read_bytes() == b"png" and sorted(p.name for p in tmp_path.iterdir()) == ["poster.png"]
+
+
+def test_address_problem_says_in_seconds_that_no_cluster_answers(monkeypatch, tmp_path):
+    import socket
+
+    from apt_dist import ray_executor
+    from apt_dist.ray_executor import address_problem
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert address_problem(f"127.0.0.1:{port}") is None
+        assert address_problem(f"ray://127.0.0.1:{port}") is None
+    closed = address_problem(f"127.0.0.1:{port}")  # the socket is gone: refused
+    assert closed.startswith(f"no Ray cluster answers at 127.0.0.1:{port}")
+    for fine in (None, "local"):
+        assert address_problem(fine) is None
+    assert "must be auto or HOST:PORT" in address_problem("host:port")
+    # auto: RAY_ADDRESS first, else the cluster that `ray start` last left on this machine, else Ray's own error.
+    monkeypatch.setattr(ray_executor, "RAY_CURRENT_CLUSTER", str(tmp_path / "none"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert address_problem("auto") is None
+    (tmp_path / "current").write_text(f"127.0.0.1:{port}\n")
+    monkeypatch.setattr(ray_executor, "RAY_CURRENT_CLUSTER", str(tmp_path / "current"))
+    assert "auto: the cluster last started on this machine" in address_problem("auto")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    assert "auto: RAY_ADDRESS" in address_problem("auto")
+
+
+def test_ray_executor_with_an_address_that_does_not_answer_fails_before_ray_init():
+    import time
+
+    import ray
+
+    from apt_dist.executor import RenderContext
+    from apt_dist.models import ModelSpec
+    from apt_dist.ray_executor import ClusterError, RayExecutor
+
+    assert not ray.is_initialized()  # this module leaves no Ray instance behind
+    t0 = time.perf_counter()
+    with pytest.raises(ClusterError, match="no Ray cluster answers at 127.0.0.1:1"):
+        RayExecutor(num_workers=1, address="127.0.0.1:1").start(RenderContext(ModelSpec("tiny"), None, (64, 64), 5.0))
+    assert time.perf_counter() - t0 < 30 and not ray.is_initialized()
