@@ -152,6 +152,7 @@ class RayExecutor(Executor):
         self._pg = None
         self._spec = None
         self._owns_ray = False
+        self._local_instance = False  # a Ray instance this executor started: its resources never grow
         self._ctx_ref = None
         self._pings: dict = {}
         self._render_t0 = 0.0
@@ -177,6 +178,7 @@ class RayExecutor(Executor):
             except ConnectionError as e:  # "auto" with no running instance, say
                 raise ClusterError(f"cannot join the Ray cluster at {address!r}: {e}") from None
             self._owns_ray = True
+            self._local_instance = address == "local"
         worker_spec = self._worker_spec(context.model)
         # A float16 UNet casts its input to float16 and its output is float16: sending both ways in
         # float16 changes no value and halves the bytes. Other dtypes travel as float32.
@@ -215,6 +217,17 @@ class RayExecutor(Executor):
 
         gpus = self._gpus()
         bundle = {"CPU": self.cpus_per_worker} | ({"GPU": gpus} if gpus > 0 else {})
+        if self._local_instance:  # no autoscaler will add what is missing: say so now, not after the timeout
+            total = ray.cluster_resources()
+            short = [f"{self.num_workers} x {v:g} = {self.num_workers * v:g} {k} (this machine has {total.get(k, 0):g})"
+                     for k, v in bundle.items() if self.num_workers * v > total.get(k, 0) + 1e-9]
+            if self.placement_strategy == "STRICT_SPREAD" and self.num_workers > 1:
+                short.append("a node per worker (STRICT_SPREAD), and a local Ray instance is one node")
+            if short:
+                raise ClusterError(
+                    f"could not reserve {self.num_workers} workers x {bundle} on the local Ray instance: they need "
+                    f"{'; '.join(short)}. Use fewer workers, fewer CPUs per worker (fractions are allowed), or a cluster"
+                )
         pg = placement_group([dict(bundle) for _ in range(self.num_workers)], strategy=self.placement_strategy)
         try:
             ray.get(pg.ready(), timeout=self.placement_timeout_s)

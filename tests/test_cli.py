@@ -167,3 +167,23 @@ def test_ray_executor_with_an_address_that_does_not_answer_fails_before_ray_init
     with pytest.raises(ClusterError, match="no Ray cluster answers at 127.0.0.1:1"):
         RayExecutor(num_workers=1, address="127.0.0.1:1").start(RenderContext(ModelSpec("tiny"), None, (64, 64), 5.0))
     assert time.perf_counter() - t0 < 30 and not ray.is_initialized()
+
+
+def test_more_workers_than_a_local_ray_instance_can_hold_fail_at_once_not_after_the_placement_timeout():
+    import os
+    import time
+
+    import ray
+
+    from apt_dist.executor import RenderContext
+    from apt_dist.models import ModelSpec
+    from apt_dist.ray_executor import ClusterError, RayExecutor
+
+    assert not ray.is_initialized()
+    n = (os.cpu_count() or 1) + 1
+    t0 = time.perf_counter()
+    # The executor starts a local instance with this machine's CPUs, and closes it on the way out.
+    with RayExecutor(num_workers=n, placement_timeout_s=600) as ex, \
+            pytest.raises(ClusterError, match=rf"they need {n} x 1 = {n} CPU \(this machine has {n - 1}\)"):
+        ex.start(RenderContext(ModelSpec("tiny"), None, (64, 64), 5.0))
+    assert time.perf_counter() - t0 < 120 and not ray.is_initialized()  # closed: the instance it started is gone
