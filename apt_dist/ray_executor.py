@@ -219,14 +219,20 @@ class RayExecutor(Executor):
         bundle = {"CPU": self.cpus_per_worker} | ({"GPU": gpus} if gpus > 0 else {})
         if self._local_instance:  # no autoscaler will add what is missing: say so now, not after the timeout
             total = ray.cluster_resources()
-            short = [f"{self.num_workers} x {v:g} = {self.num_workers * v:g} {k} (this machine has {total.get(k, 0):g})"
-                     for k, v in bundle.items() if self.num_workers * v > total.get(k, 0) + 1e-9]
+            fixes = {"CPU": "fewer CPUs per worker (fractions are allowed)",
+                     "GPU": "a fraction of a GPU per worker (or 0: CPU workers)"}
+            short, hints = [], ["fewer workers"]
+            for k, v in bundle.items():
+                if self.num_workers * v > total.get(k, 0) + 1e-9:
+                    short.append(f"{self.num_workers} x {v:g} = {self.num_workers * v:g} {k} (this machine has {total.get(k, 0):g})")
+                    hints.append(fixes[k])
             if self.placement_strategy == "STRICT_SPREAD" and self.num_workers > 1:
                 short.append("a node per worker (STRICT_SPREAD), and a local Ray instance is one node")
+                hints.append("another placement strategy")
             if short:
                 raise ClusterError(
                     f"could not reserve {self.num_workers} workers x {bundle} on the local Ray instance: they need "
-                    f"{'; '.join(short)}. Use fewer workers, fewer CPUs per worker (fractions are allowed), or a cluster"
+                    f"{'; '.join(short)}. Use {', '.join(hints)}, or a cluster"
                 )
         pg = placement_group([dict(bundle) for _ in range(self.num_workers)], strategy=self.placement_strategy)
         try:

@@ -187,3 +187,6 @@ def test_more_workers_than_a_local_ray_instance_can_hold_fail_at_once_not_after_
             pytest.raises(ClusterError, match=rf"they need {n} x 1 = {n} CPU \(this machine has {n - 1}\)"):
         ex.start(RenderContext(ModelSpec("tiny"), None, (64, 64), 5.0))
     assert time.perf_counter() - t0 < 120 and not ray.is_initialized()  # closed: the instance it started is gone
+    with RayExecutor(num_workers=1, gpus_per_worker=1) as ex, \
+            pytest.raises(ClusterError, match=r"1 GPU \(this machine has 0\)\. Use fewer workers, a fraction of a GPU"):
+        ex.start(RenderContext(ModelSpec("tiny"), None, (64, 64), 5.0))  # no GPU here, nor in CI
