@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from .geometry import Window
@@ -22,6 +24,7 @@ class WindowAverage:
         self.count: torch.Tensor | None = None  # windows over each position, at least 1 (the divisor)
         self._pending: dict[int, torch.Tensor] = {}
         self._next = 0
+        self._final: list[int] = []  # [k]: rows no window from k on covers (final once windows < k are in)
 
     def prepare(self) -> None:
         """Allocate the sums and count the cover (the windows are known up front). The first `add`
@@ -35,6 +38,19 @@ class WindowAverage:
             ys, xs = win.slices()
             self.count[:, ys, xs] += 1
         self.count.clamp_(min=1)  # uncovered positions: 0 / 1
+        self._final = [height] * (len(self.windows) + 1)
+        for k in reversed(range(len(self.windows))):
+            self._final[k] = min(self.windows[k].top, self._final[k + 1])
+
+    def final_rows(self) -> int:
+        """How many leading rows no window still to come covers: their average is final.
+
+        Windows are summed in window order (by rows of windows, top first), so the rows above
+        the next window's top are done long before the last window arrives: the sampler fuses
+        them while the last UNet calls still run.
+        """
+        self.prepare()
+        return self._final[self._next]
 
     def add(self, k: int, view: torch.Tensor) -> None:
         """Window k's values [C, h, w]."""
@@ -46,8 +62,37 @@ class WindowAverage:
             self._next += 1
 
     def result(self, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
-        """[C, H, W] (or the region rows x cols): the average where windows cover, 0 elsewhere."""
-        if self._next != len(self.windows):
+        """[C, H, W] (or the region rows x cols): the average where windows cover, 0 elsewhere.
+
+        A region of final rows (`final_rows`) may be taken before every window is in.
+        """
+        stop = self.shape[1] if rows.stop is None else rows.stop
+        if stop > self.final_rows():
             raise RuntimeError(f"window {self._next} of {len(self.windows)} never arrived")
-        self.prepare()  # no windows at all
         return self.value[:, rows, cols] / self.count[:, rows, cols]
+
+
+class Fusion:
+    """Which row bands of a step's output can be fused now: each once, top first, when it is final.
+
+    A band is final when every dilated sub-lattice is stepped (each covers every row) and no
+    window still to come covers it (`WindowAverage.final_rows`). The bands are fixed up front
+    (`geometry.row_bands`), not cut where the replies happen to stop: every band then gets the
+    same float ops whatever the order and grouping of the replies, and so does the image.
+    """
+
+    def __init__(self, bands: list[tuple[int, int]], lattices: int):
+        self.todo = deque(bands)
+        self.lattices_left = lattices
+
+    def lattice_done(self) -> None:
+        self.lattices_left -= 1
+
+    def take(self, upto: int) -> list[tuple[int, int]]:
+        """The bands not yet taken that end at or above row `upto` (their windows are all in)."""
+        if self.lattices_left > 0:
+            return []
+        out = []
+        while self.todo and self.todo[0][1] <= upto:
+            out.append(self.todo.popleft())
+        return out

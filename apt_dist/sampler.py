@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from . import schedules as S
 from .config import RenderConfig
 from .executor import DeferredPatches, Executor, InProcessExecutor, RenderContext, batch
-from .fusion import WindowAverage
-from .geometry import WindowViews, crop_pixels, gaussian_blur, jitter_range, lattice_offsets, local_windows
+from .fusion import Fusion, WindowAverage
+from .geometry import WindowViews, crop_pixels, gaussian_blur, jitter_range, lattice_offsets, local_windows, row_bands
 from .matching import ReferenceStats, standardize_to, statistical_matching
 from .outputs import to_pil
 from .plan import PhasePlan, Plan, build_plan
@@ -202,7 +202,7 @@ class _Sampler:
             t = int(sched.timesteps[i])
             (eps,) = self.ex.predict(t, [S.scale_model_input(sched, x, i)[0]], [(0, 0)])
             x = S.step(sched, x, eps[None], i)
-            self._check(x, phase, i, t)
+            self._check(x.sum(), phase, i, t)
         return x
 
     # ---- phases 2..S: upscale, match, re-noise, denoise with fused views ---------
@@ -222,19 +222,37 @@ class _Sampler:
         def ahead(i: int):  # what step i needs that its input x does not decide: its windows' draws, its noised z
             return local_windows(h, w, n, self.plan.stride, self.gen if cfg.jitter else None), S.add_noise(sched, z, noise, i)
 
-        upcoming = ahead(steps[0]) if steps else None
-        for i in steps:
+        def weights(i: int):  # the timestep and DemoFusion's cosine weights of step i
             t = int(sched.timesteps[i])
             cf = S.cosine_factor(t, sched.num_train_timesteps)
-            c1, c2 = cf**cfg.cosine_scale_1, cf**cfg.cosine_scale_2
-            c3 = 0.99 * cf**cfg.cosine_scale_3 + 0.01
-            windows, noised = upcoming
+            return t, cf**cfg.cosine_scale_1, cf**cfg.cosine_scale_2, 0.99 * cf**cfg.cosine_scale_3 + 0.01
 
-            # Skip residual towards the noised upsampled latent of this step.
-            x = torch.lerp(noised, x, 1 - c1)  # (1 - c1) x + c1 noised, one pass
+        # Each step's input lives in a zero-bordered buffer (the jitter's padding), next to its scaled
+        # copy (the model's input). Two of each: while step i's UNet calls run, the rows of its output
+        # that are final already become step i + 1's input, in fixed row bands (below).
+        padded = [torch.zeros(1, x.shape[1], h + 2 * jr, w + 2 * jr) for _ in range(2)]
+        scaled = padded if S.input_divisor(sched, 0) is None else [torch.zeros_like(p) for p in padded]
+        inner = (slice(None), slice(None), slice(jr, jr + h), slice(jr, jr + w))
+        bands = row_bands(h, max(8, n // 4))
+
+        def skip_residual(i: int, x: torch.Tensor, noised: torch.Tensor, rows: slice = slice(None)) -> None:
+            """Step i's input rows: the skip residual (1 - c1) x + c1 noised, one pass, and its model input."""
+            xi = padded[i % 2][inner][:, :, rows]
+            torch.lerp(noised[:, :, rows], x, 1 - weights(i)[1], out=xi)
+            divisor = S.input_divisor(sched, i)
+            if divisor is not None:
+                torch.div(xi, divisor, out=scaled[i % 2][inner][:, :, rows])
+
+        upcoming = ahead(steps[0]) if steps else None
+        if steps:
+            skip_residual(steps[0], x, upcoming[1])
+        for i in steps:
+            t, c1, c2, c3 = weights(i)
+            windows, noised = upcoming
+            xp, xp_in = padded[i % 2], scaled[i % 2]
+            x = xp[inner]  # this step's input, after the skip residual towards the noised upsampled latent
 
             # Local views: jittered windows of the zero-padded latent (views made on first use).
-            xp = F.pad(x, (jr, jr, jr, jr))
             local_views = WindowViews(xp, windows)
             crops = [crop_pixels(win, jr, self.plan.vae_scale) for win in windows]
 
@@ -243,25 +261,39 @@ class _Sampler:
             lattices = [x[0, :, a::d, b::d] for a, b in offsets]
 
             def dilated_inputs(x=x, c3=c3, i=i):
+                x = x.contiguous()  # reduced in the order of a plain tensor: the image is what it was before the padded buffers
                 blurred = standardize_to(gaussian_blur(x, 2 * d - 1, cfg.sigma * c3), x.mean(), x.std())
                 blurred_in = S.scale_model_input(sched, blurred, i)
                 return [blurred_in[0, :, a::d, b::d] for a, b in offsets]
 
-            # Model inputs are views of two scaled tensors (one op each, not one per view). The
-            # blurred ones are made when the executor first needs them: the calls for the local
-            # windows are already running while the driver blurs.
-            xp_in = S.scale_model_input(sched, xp, i)
+            # Model inputs are views of the scaled buffer. The blurred ones are made when the executor
+            # first needs them: the calls for the local windows are already running while the driver blurs.
             model_in = DeferredPatches(WindowViews(xp_in, windows), [lat.shape for lat in lattices], dilated_inputs)
 
             # Each view is stepped as soon as its prediction is back, while other UNet calls still
             # run: the windows are averaged where they overlap, the sub-lattices written in place.
             average = WindowAverage(x.shape[1], *xp.shape[-2:], windows)
             x_dilated = torch.empty_like(x)
+            last = i + 1 == steps.stop
+            out = torch.empty_like(x) if last else None  # the phase's result; else the output feeds the next input
+            fused = Fusion(bands, len(offsets))
+            sums: list[torch.Tensor] = []  # of the output's bands: one is NaN or inf if any value is
+
+            def fuse(upto: int, i=i, c2=c2, average=average, x_dilated=x_dilated, out=out, sums=sums) -> None:
+                """Fuse the output rows [.., upto): (1 - c2) local + c2 dilated, one pass per band; each band
+                then becomes the next step's input at once, so little is left to do after the last reply."""
+                for r0, r1 in fused.take(upto):
+                    rows = slice(r0, r1)
+                    local = average.result(slice(jr + r0, jr + r1), slice(jr, jr + w))[None]
+                    xo = torch.lerp(local, x_dilated[:, :, rows], c2, out=None if out is None else out[:, :, rows])
+                    sums.append(xo.sum())
+                    if out is None:
+                        skip_residual(i + 1, xo, upcoming[1], rows)
 
             nw = len(windows)
 
             def then(ks: list[int], eps: torch.Tensor, i=i, nw=nw, local_views=local_views, lattices=lattices,
-                     average=average, x_dilated=x_dilated) -> None:  # a batch of views of one shape (this step's)
+                     average=average, x_dilated=x_dilated, fused=fused, fuse=fuse) -> None:  # views of one shape
                 views = [local_views[k] if k < nw else lattices[k - nw] for k in ks]
                 stepped = S.step(sched, batch(views), eps, i)
                 for k, s in zip(ks, stepped):
@@ -270,6 +302,9 @@ class _Sampler:
                     else:
                         a, b = offsets[k - nw]
                         x_dilated[0, :, a::d, b::d] = s
+                        fused.lattice_done()
+                if fused.lattices_left == 0:  # the rows whose windows are all in are final
+                    fuse(average.final_rows() - jr)
 
             def meanwhile(i=i, average=average):  # while the UNet calls run: the next step's draws, this step's sums
                 nonlocal upcoming
@@ -278,10 +313,10 @@ class _Sampler:
                 average.prepare()
 
             self.ex.predict(t, model_in, crops + [(0, 0)] * len(offsets), then=then, meanwhile=meanwhile)
-            x_local = average.result(slice(jr, jr + h), slice(jr, jr + w))[None]  # the latent, without the padding
-
-            x = torch.lerp(x_local, x_dilated, c2)  # (1 - c2) local + c2 dilated, one pass
-            self._check(x, phase, i, t)
+            fuse(h)  # the rows the last replies held
+            self._check(torch.stack(sums).sum(), phase, i, t)
+            if last:
+                x = out
         if cfg.anchor_renorm:
             x = standardize_to(x, ref.mean, ref.std)
         return x
@@ -292,8 +327,9 @@ class _Sampler:
             self.bar.set_description(f"phase {phase.index}/{len(self.plan.phases)} {phase.width}x{phase.height}")
         return range(phase.start_step, phase.start_step + phase.steps)
 
-    def _check(self, x: torch.Tensor, phase: PhasePlan, i: int, t: int) -> None:
-        if not torch.isfinite(x.sum()):  # a NaN or inf anywhere makes the sum one (latents never overflow it)
+    def _check(self, total: torch.Tensor, phase: PhasePlan, i: int, t: int) -> None:
+        """`total`: the sum of the step's output. A NaN or inf anywhere makes it one (latents never overflow it)."""
+        if not torch.isfinite(total):
             raise RenderError(
                 f"non-finite latent (NaN or inf) in phase {phase.index} at step {i} (timestep {t}); "
                 "try --dtype float32 or another seed"

@@ -86,9 +86,13 @@ def init_noise_sigma(s: NoiseSchedule) -> float:
 
 def scale_model_input(s: NoiseSchedule, x: torch.Tensor, i: int) -> torch.Tensor:
     """What the UNet sees at step i: Euler works in sigma space, so divide by sqrt(sigma^2 + 1)."""
-    if s.kind == "euler":
-        return x / ((s.sigmas[i] ** 2 + 1) ** 0.5)
-    return x
+    divisor = input_divisor(s, i)
+    return x if divisor is None else x / divisor
+
+
+def input_divisor(s: NoiseSchedule, i: int) -> torch.Tensor | None:
+    """`scale_model_input` as a divisor (for `torch.div(..., out=)`); None where the input is the latent itself."""
+    return (s.sigmas[i] ** 2 + 1) ** 0.5 if s.kind == "euler" else None
 
 
 def add_noise(s: NoiseSchedule, z0: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:

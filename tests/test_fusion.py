@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from apt_dist.executor import DeferredPatches, Guidance, guide, make_units, patch_shapes
-from apt_dist.fusion import WindowAverage
+from apt_dist.fusion import Fusion, WindowAverage
 from apt_dist.geometry import Window
 
 
@@ -55,6 +55,43 @@ def test_window_average_refuses_a_missing_window():
     avg.add(2, torch.ones(3, 4, 4))
     with pytest.raises(RuntimeError, match="window 1 of 4 never arrived"):
         avg.result()
+
+
+def test_rows_above_every_window_still_to_come_are_final_and_their_average_is_the_last_one():
+    g = torch.Generator().manual_seed(3)
+    windows = [Window(0, 0, 4, 4), Window(0, 3, 4, 4), Window(2, 0, 4, 4), Window(3, 3, 4, 4)]
+    views = [torch.randn(3, 4, 4, generator=g) for _ in windows]
+    full = WindowAverage(3, 7, 7, windows)
+    for k, v in enumerate(views):
+        full.add(k, v)
+    avg = WindowAverage(3, 7, 7, windows)
+    assert avg.final_rows() == 0
+    avg.add(1, views[1])
+    assert avg.final_rows() == 0  # window 0 is not in: nothing is summed yet
+    avg.add(0, views[0])
+    assert avg.final_rows() == 2  # windows 2 and 3 start at rows 2 and 3
+    assert torch.equal(avg.result(slice(0, 2), slice(1, 6)), full.result()[:, 0:2, 1:6])
+    with pytest.raises(RuntimeError, match="window 2 of 4 never arrived"):
+        avg.result(slice(1, 3))
+    avg.add(2, views[2])
+    assert avg.final_rows() == 3
+    avg.add(3, views[3])
+    assert avg.final_rows() == 7 and torch.equal(avg.result(), full.result())
+    # Jitter can put a later window above an earlier one: the frontier is the lowest top still to come.
+    jittered = WindowAverage(3, 7, 7, [Window(0, 0, 4, 4), Window(3, 0, 4, 4), Window(1, 3, 4, 4)])
+    jittered.add(0, views[0])
+    assert jittered.final_rows() == 1
+
+
+def test_fusion_hands_out_each_band_once_top_first_when_its_rows_are_final():
+    fusion = Fusion([(0, 4), (4, 8), (8, 10)], lattices=2)
+    assert fusion.take(10) == []  # a sub-lattice still to come covers every row
+    fusion.lattice_done()
+    fusion.lattice_done()
+    assert fusion.take(3) == []  # a band is taken whole, never cut where the final rows end
+    assert fusion.take(5) == [(0, 4)]
+    assert fusion.take(5) == []
+    assert fusion.take(10) == [(4, 8), (8, 10)] and fusion.take(10) == []
 
 
 @pytest.mark.parametrize("split", [True, False])

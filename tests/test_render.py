@@ -5,7 +5,7 @@ import torch
 from helpers import small_config
 
 from apt_dist import RenderConfig, render
-from apt_dist.executor import InProcessExecutor
+from apt_dist.executor import DeferredPatches, InProcessExecutor
 from apt_dist.models import build_tiny_pipeline
 from apt_dist.sampler import RenderError
 
@@ -63,6 +63,55 @@ def test_work_unit_shape_does_not_change_the_math(executor, base_result):
     """Batching/splitting the guidance halves only regroups UNet rows: same image to float tolerance."""
     r = render(small_config(view_batch_size=4, split_guidance=False), executor=executor, progress=False)
     torch.testing.assert_close(r.latent, base_result.latent, atol=1e-3, rtol=1e-3)
+
+
+class OrderedExecutor(InProcessExecutor):
+    """Runs every unit of a step, then delivers them in another order and grouping, as remote workers may:
+    the sub-lattices first, then the windows in pairs, last window first (`backwards`) or in order."""
+
+    def __init__(self, backwards: bool):
+        super().__init__()
+        self.backwards, self.events = backwards, []
+
+    def _run_units(self, timestep, units, patches, crops, deliver, meanwhile):
+        outs = []
+        self.events.append(("step",))
+        super()._run_units(timestep, units, patches, crops, lambda ks, o: outs.extend(o), meanwhile)
+        windows = len(patches.head) if isinstance(patches, DeferredPatches) else len(patches)
+        lattices = [k for k, u in enumerate(units) if u.patches[0] >= windows]
+        rest = [k for k in range(len(units)) if k not in lattices]
+        if self.backwards:
+            rest.reverse()
+        for group in [lattices] + [rest[j : j + 2] for j in range(0, len(rest), 2)]:
+            if group:
+                self.events.append(("deliver",))
+                deliver(group, [outs[k] for k in group])
+
+
+def test_replies_in_any_order_and_grouping_give_the_same_image_and_rows_are_fused_before_the_last_reply(
+        executor, base_result, monkeypatch):
+    import apt_dist.sampler
+
+    ex = None
+
+    class SpyFusion(apt_dist.sampler.Fusion):
+        def take(self, upto):
+            bands = super().take(upto)
+            ex.events.extend([("band",)] * len(bands))
+            return bands
+
+    monkeypatch.setattr(apt_dist.sampler, "Fusion", SpyFusion)
+    for backwards in (False, True):
+        ex = OrderedExecutor(backwards)
+        r = render(small_config(), executor=ex, progress=False)
+        assert torch.equal(r.latent, base_result.latent), backwards
+        steps = "".join(e[0][0] for e in ex.events).split("s")[1:]
+        upscaling = [st for st in steps if "b" in st]  # phase 1 has no bands
+        bands = [-(-p.latent_height // 8) for p in r.plan.phases[1:] for _ in range(p.steps)]  # 24 and 36 rows
+        assert [st.count("b") for st in upscaling] == bands == [3] * 4 + [5] * 4
+        # In order, the top rows' windows come first: most bands are fused before the last reply.
+        early = [st.rfind("d") > st.find("b") for st in upscaling]
+        assert all(early) if not backwards else not any(early)
 
 
 class NaNExecutor(InProcessExecutor):
