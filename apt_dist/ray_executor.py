@@ -521,12 +521,7 @@ def _shares(queue: deque, idle: list[WorkerState], ready=None) -> list[tuple[Wor
     """Share the queue out to the idle workers: equal shares, in submission order.
 
     Units are equal work, so shares that differ by at most one meet the per-step barrier
-    bound with the fewest calls. The larger shares go first, since they start first; even so
-    they reply about a unit's time after the others, so they take the last of the units that
-    are ready to send (`ready(unit)`: no deferred patch to make first). The driver uses the
-    predictions in unit order (the sampler sums its windows in window order), and the replies
-    that come last then hold the units it uses last: it has summed the rest while those ran.
-    The other shares take the remaining units in queue order, deferred ones last.
+    bound with the fewest calls. The larger shares go first, since they finish last.
 
     A long share (few workers) is sent as two calls that the actor runs back to back, the bulk
     and then its last eighth: the driver guides and steps the bulk's reply while the worker
@@ -534,31 +529,40 @@ def _shares(queue: deque, idle: list[WorkerState], ready=None) -> list[tuple[Wor
     finish last (the larger ones, or all when they are equal) send their last unit so, from
     4 units up: the step then waits after its last reply for one unit's patch, not for the
     4-5 patches of a whole share (9 units, at 4096x4096 on 16 workers).
+
+    Which units go where: the driver uses the predictions in unit order (the sampler sums its
+    windows in window order and fuses the rows above the next window as soon as they are
+    final), so the replies that come last should hold the units it uses last. The tails,
+    which come last, take the last of the units that are ready to send (`ready(unit)`: no
+    deferred patch to make first); the bulks of the larger shares, next to come, take the
+    ready units just before; the other shares the rest in queue order, deferred ones last.
     """
     n, k = len(queue), len(idle)
     items = list(queue)
     queue.clear()
     sizes = [n // k + (1 if j < n % k else 0) for j in range(k)]
-    larger = (n % k) * (n // k + 1) if n >= k else 0  # units in the larger shares (0: all shares equal)
-    if larger:
-        ready_items = [u for u in items if ready is None or ready(u)]
-        if larger <= len(ready_items):
-            last = ready_items[len(ready_items) - larger :]
-            taken = set(last)
-            items = last + [u for u in items if u not in taken]
-    bulk, tails, start = [], [], 0
-    for w, take in zip(idle, sizes):
+    tails = [take // 8 if take >= STREAM_SHARE_UNITS else int(take == sizes[0] and take >= LAST_TAIL_MIN_UNITS)
+             for take in sizes]
+    larger = sizes[0] > sizes[-1]
+    late_bulk = sum(take - tail for take, tail in zip(sizes, tails) if larger and take == sizes[0])
+    late = late_bulk + sum(tails)  # the units of the replies that come last
+    ready_items = [u for u in items if ready is None or ready(u)] if late else []
+    if 0 < late <= len(ready_items):
+        last = ready_items[len(ready_items) - late :]
+        taken = set(last)
+        items = last[:late_bulk] + [u for u in items if u not in taken] + last[late_bulk:]
+    bulk, tail_calls, start, end = [], [], 0, n
+    for w, take, tail in zip(idle, sizes, tails):
         if not take:
             continue
-        idx, start = items[start : start + take], start + take
-        if take >= STREAM_SHARE_UNITS:
-            tail = take // 8
-        else:
-            tail = 1 if take == sizes[0] and take >= LAST_TAIL_MIN_UNITS else 0
-        bulk.append((w, idx[: take - tail]))
+        bulk.append((w, items[start : start + take - tail]))
+        start += take - tail
         if tail:
-            tails.append((w, idx[take - tail :]))
-    return bulk + tails
+            tail_calls.append((w, tail))
+    for w, tail in tail_calls:  # from the end of the items: the first shares, which finish last, take the last units
+        bulk.append((w, items[end - tail : end]))
+        end -= tail
+    return bulk
 
 
 def _store(results: list):

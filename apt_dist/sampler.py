@@ -20,6 +20,7 @@ the order their answers arrive in.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -233,15 +234,21 @@ class _Sampler:
         padded = [torch.zeros(1, x.shape[1], h + 2 * jr, w + 2 * jr) for _ in range(2)]
         scaled = padded if S.input_divisor(sched, 0) is None else [torch.zeros_like(p) for p in padded]
         inner = (slice(None), slice(None), slice(jr, jr + h), slice(jr, jr + w))
-        bands = row_bands(h, max(8, n // 4))
+        bands = row_bands(h, max(8, self.plan.stride))  # windows start a stride apart: the final rows grow by strides
+        rows_of = [{r0: (p[inner][:, :, r0:r1], q[inner][:, :, r0:r1]) for r0, r1 in bands} for p, q in zip(padded, scaled)]
 
-        def skip_residual(i: int, x: torch.Tensor, noised: torch.Tensor, rows: slice = slice(None)) -> None:
-            """Step i's input rows: the skip residual (1 - c1) x + c1 noised, one pass, and its model input."""
-            xi = padded[i % 2][inner][:, :, rows]
-            torch.lerp(noised[:, :, rows], x, 1 - weights(i)[1], out=xi)
-            divisor = S.input_divisor(sched, i)
-            if divisor is not None:
-                torch.div(xi, divisor, out=scaled[i % 2][inner][:, :, rows])
+        @functools.cache
+        def residual(i: int):  # step i's skip-residual weight and model-input divisor, once per step, not per band
+            return 1 - weights(i)[1], S.input_divisor(sched, i)
+
+        def skip_residual(i: int, x: torch.Tensor, noised: torch.Tensor, r0: int | None = None) -> None:
+            """Step i's input (or its band from row r0): the skip residual (1 - c1) x + c1 noised, one pass,
+            and the model's input."""
+            xi, xi_in = (padded[i % 2][inner], scaled[i % 2][inner]) if r0 is None else rows_of[i % 2][r0]
+            weight, divisor = residual(i)
+            torch.lerp(noised if r0 is None else noised[:, :, r0 : r0 + xi.shape[2]], x, weight, out=xi)
+            if scaled is not padded:
+                torch.div(xi, divisor, out=xi_in)
 
         upcoming = ahead(steps[0]) if steps else None
         if steps:
@@ -283,12 +290,11 @@ class _Sampler:
                 """Fuse the output rows [.., upto): (1 - c2) local + c2 dilated, one pass per band; each band
                 then becomes the next step's input at once, so little is left to do after the last reply."""
                 for r0, r1 in fused.take(upto):
-                    rows = slice(r0, r1)
                     local = average.result(slice(jr + r0, jr + r1), slice(jr, jr + w))[None]
-                    xo = torch.lerp(local, x_dilated[:, :, rows], c2, out=None if out is None else out[:, :, rows])
+                    xo = torch.lerp(local, x_dilated[:, :, r0:r1], c2, out=None if out is None else out[:, :, r0:r1])
                     sums.append(xo.sum())
                     if out is None:
-                        skip_residual(i + 1, xo, upcoming[1], rows)
+                        skip_residual(i + 1, xo, upcoming[1], r0)
 
             nw = len(windows)
 

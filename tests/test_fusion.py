@@ -140,29 +140,36 @@ def test_shares_are_equal_the_larger_first_holding_the_last_ready_units():
     # Units 8 and 9 need deferred patches: the larger share takes the last ready ones instead.
     calls = _shares(deque(range(10)), workers, ready=lambda u: u < 8)
     assert [(w.index, idx) for w, idx in calls] == [(0, [4, 5, 6]), (1, [0, 1, 2]), (2, [3, 8, 9]), (0, [7])]
-    # Equal shares, or too few ready units to fill the larger shares: queue order.
+    # Equal shares, or too few ready units to fill the larger shares: queue order (a tail from the end).
     assert [idx for _, idx in _shares(deque(range(9)), workers)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
-    assert [idx for _, idx in _shares(deque(range(10)), workers, ready=lambda u: u < 3)] == [[0, 1, 2], [4, 5, 6], [7, 8, 9], [3]]
+    assert [idx for _, idx in _shares(deque(range(10)), workers, ready=lambda u: u < 3)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     # Fewer units than workers: one each. A re-queued queue: positions in the queue count, not unit numbers.
     assert [(w.index, idx) for w, idx in _shares(deque([5, 2]), workers)] == [(0, [5]), (1, [2])]
     assert [idx for _, idx in _shares(deque([9, 3, 4, 0]), workers)] == [[4, 0], [9], [3]]
 
 
-def test_the_shares_that_finish_last_send_their_last_unit_alone():
+def test_the_shares_that_finish_last_send_their_last_unit_alone_holding_the_last_ready_units():
     from collections import deque
 
     from apt_dist.ray_executor import LAST_TAIL_MIN_UNITS, WorkerState, _shares
 
     workers = [WorkerState(handle=None, index=i) for i in range(3)]
     m = LAST_TAIL_MIN_UNITS
-    # Equal shares all finish last: each sends its last unit as a second call, after every first call.
+    # Equal shares all finish last: each sends its last unit as a second call, after every first call. The tails
+    # come last, so they hold the last units (the first share's the very last), the bulks the rest in queue order.
     calls = _shares(deque(range(3 * m)), workers)
     assert [w.index for w, _ in calls] == [0, 1, 2, 0, 1, 2]
-    assert [idx for _, idx in calls[3:]] == [[m - 1], [2 * m - 1], [3 * m - 1]]
-    assert sorted(i for _, idx in calls for i in idx) == list(range(3 * m))
+    assert [idx for _, idx in calls] == [list(range(0, m - 1)), list(range(m - 1, 2 * m - 2)),
+                                         list(range(2 * m - 2, 3 * m - 3)), [3 * m - 1], [3 * m - 2], [3 * m - 3]]
+    # Only ready units (no deferred patch to make) go last: here the units from 2m on are deferred.
+    calls = _shares(deque(range(3 * m)), workers, ready=lambda u: u < 2 * m)
+    assert [idx for _, idx in calls[3:]] == [[2 * m - 1], [2 * m - 2], [2 * m - 3]]
+    tails = {2 * m - 1, 2 * m - 2, 2 * m - 3}
+    assert sum((idx for _, idx in calls[:3]), []) == [u for u in range(3 * m) if u not in tails]  # deferred ones last
     # Unequal: only the larger shares do; shares under the minimum never do.
     calls = _shares(deque(range(3 * m + 2)), workers)
     assert [(w.index, len(idx)) for w, idx in calls] == [(0, m), (1, m), (2, m), (0, 1), (1, 1)]
+    assert [idx for _, idx in calls[3:]] == [[3 * m + 1], [3 * m]]
     assert [len(idx) for _, idx in _shares(deque(range(3 * (m - 1))), workers)] == [m - 1] * 3
 
 
@@ -177,9 +184,12 @@ def test_long_shares_stream_a_tail():
     assert [w.index for w, _ in calls] == [0, 1, 0, 1]  # every bulk first, then the tails
     assert sorted(i for _, idx in calls for i in idx) == list(range(n))
     (_, bulk0), (_, bulk1), (_, tail0), (_, tail1) = calls
-    # The larger share (first out) holds the last units.
-    assert bulk0 + tail0 == list(range(STREAM_SHARE_UNITS, n)) and len(tail0) == (STREAM_SHARE_UNITS + 1) // 8
-    assert bulk1 + tail1 == list(range(STREAM_SHARE_UNITS)) and len(tail1) == STREAM_SHARE_UNITS // 8
+    t0, t1 = (STREAM_SHARE_UNITS + 1) // 8, STREAM_SHARE_UNITS // 8
+    # The tails come last: they hold the last units, the larger share's (the last to finish) the very last.
+    assert tail0 == list(range(n - t0, n)) and tail1 == list(range(n - t0 - t1, n - t0))
+    # The larger share's bulk (which finishes after the other's) holds the units just before the tails.
+    assert bulk0 == list(range(n - t0 - t1 - len(bulk0), n - t0 - t1)) and len(bulk0) == STREAM_SHARE_UNITS + 1 - t0
+    assert bulk1 == list(range(STREAM_SHARE_UNITS - t1))
 
 
 def test_deferred_patches_make_their_tail_once_and_only_when_needed():
