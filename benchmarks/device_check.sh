@@ -2,13 +2,15 @@
 # The prepared script for a lent GPU machine (16 CPU cores, one H100/H200, no network).
 # Its image has torch, transformers and huggingface_hub but not Ray or diffusers: those travel as wheels in .whl/
 # (Ray without its Java jars, to fit the 64 MiB limit). Writes everything under $OUT (default /tmp/device_out).
-#   bash benchmarks/device_check.sh [gpu] [scaling]   (both when none is named)
+#   bash benchmarks/device_check.sh [gpu] [scaling] [boundary]   (gpu and scaling when none is named)
 #   gpu:     benchmarks/gpu_check.py: sdxl-random 2048x2048 in-process (apt, demofusion) and on one Ray worker;
 #            apt-dist bench overhead.
 #   scaling: apt-dist bench scaling at WORKERS (default 4,8,16) on 16 cores instead of this repo's usual 2, the driver
 #            on each of DRIVER_THREADS (default: "default 4", torch's own count and 4), REPEATS times each (default 1;
 #            repeats go to *_r2, *_r3 ...); the per-step timeline at each of TIMELINE_WORKERS (default "8 16"), driver on
 #            TIMELINE_THREADS (default torch's own).
+#   boundary: benchmarks/step_boundary.py (the driver's work between a step's last reply and the next step's first
+#            call, no Ray) at 16 workers, driver on TIMELINE_THREADS (default 4).
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 PARTS=${*:-gpu scaling}
@@ -38,4 +40,8 @@ if [[ " $PARTS " == *" scaling "* ]]; then
     timeout 90 python3 benchmarks/step_timeline.py --workers "$n" ${TIMELINE_THREADS:+--driver-threads $TIMELINE_THREADS} \
       --markdown "$OUT/step_timeline_${n}_16cpu.md" 2>&1 | tail -8
   done
+fi
+if [[ " $PARTS " == *" boundary "* ]]; then
+  timeout 150 python3 benchmarks/step_boundary.py --workers 16 --driver-threads "${TIMELINE_THREADS:-4}" \
+    --markdown "$OUT/step_boundary_16_16cpu.md" 2>&1 | tail -8
 fi
