@@ -309,8 +309,7 @@ class _Sampler:
                         a, b = offsets[k - nw]
                         x_dilated[0, :, a::d, b::d] = s
                         fused.lattice_done()
-                if fused.lattices_left == 0:  # the rows whose windows are all in are final
-                    fuse(average.final_rows() - jr)
+                fuse(average.final_rows() - jr)  # the rows no window still to come covers (once the sub-lattices are in)
 
             def meanwhile(i=i, average=average):  # while the UNet calls run: the next step's draws, this step's sums
                 nonlocal upcoming
