@@ -11,6 +11,10 @@
 #            TIMELINE_THREADS (default torch's own).
 #   boundary: benchmarks/step_boundary.py (the driver's work between a step's last reply and the next step's first
 #            call, no Ray) at 16 workers, driver on TIMELINE_THREADS (default 4).
+#   ab:      the tree against an older package copied into AB_BASE (default ab_base; carry it), side by side:
+#            benchmarks/checkout_ab.py at AB_WORKERS (default 16), AB_ROUNDS (default 3) x AB_RENDERS (default 2)
+#            renders, driver on TIMELINE_THREADS (default 4); step_boundary.py for each, alternating, REPEATS (default 3)
+#            times; the per-step timeline of the tree at 16 workers when TIMELINE=1.
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 PARTS=${*:-gpu scaling}
@@ -44,4 +48,19 @@ fi
 if [[ " $PARTS " == *" boundary "* ]]; then
   timeout 150 python3 benchmarks/step_boundary.py --workers 16 --driver-threads "${TIMELINE_THREADS:-4}" \
     --markdown "$OUT/step_boundary_16_16cpu.md" 2>&1 | tail -8
+fi
+if [[ " $PARTS " == *" ab "* ]]; then
+  base=${AB_BASE:-ab_base}; th=${TIMELINE_THREADS:-4}
+  OMP_NUM_THREADS=$th timeout "${AB_TIMEOUT:-300}" python3 benchmarks/checkout_ab.py "$base" . --workers "${AB_WORKERS:-16}" \
+    --rounds "${AB_ROUNDS:-3}" --renders "${AB_RENDERS:-2}" --markdown "$OUT/checkout_ab_${AB_WORKERS:-16}_16cpu.md" 2>&1 | tail -8
+  for r in $(seq 1 "${REPEATS:-3}"); do
+    for pkg in base tree; do  # the package's folder first on the path: it shadows the tree's
+      dir=$PWD; [[ $pkg == base ]] && dir=$PWD/$base
+      PYTHONPATH=$dir${PYTHONPATH:+:$PYTHONPATH} timeout 60 python3 benchmarks/step_boundary.py --workers 16 \
+        --driver-threads "$th" --markdown "$OUT/step_boundary_16_16cpu_${pkg}_r$r.md" 2>&1 | tail -6
+    done
+  done
+  if [[ ${TIMELINE:-0} == 1 ]]; then
+    timeout 60 python3 benchmarks/step_timeline.py --workers 16 --driver-threads "$th" --markdown "$OUT/step_timeline_16_16cpu.md" 2>&1 | tail -8
+  fi
 fi
