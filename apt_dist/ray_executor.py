@@ -513,8 +513,9 @@ class RayExecutor(Executor):
 # A share of at least this many units goes as two calls: the bulk, then its last eighth.
 STREAM_SHARE_UNITS = 32
 # One of the shares that finish last (the larger ones; all, when equal) with at least this many units sends its last
-# unit as a call of its own.
-LAST_TAIL_MIN_UNITS = 4
+# unit as a call of its own: the replies of the last wave then hold one unit each (half a patch's guidance, at
+# 2048x2048 on 16 workers), not two, and the driver, which takes them up one after another, ends the step sooner.
+LAST_TAIL_MIN_UNITS = 2
 
 
 def _shares(queue: deque, idle: list[WorkerState], ready=None) -> list[tuple[WorkerState, list[int]]]:
@@ -527,7 +528,7 @@ def _shares(queue: deque, idle: list[WorkerState], ready=None) -> list[tuple[Wor
     and then its last eighth: the driver guides and steps the bulk's reply while the worker
     computes the tail, instead of all of it after the worker's last unit. The shares that
     finish last (the larger ones, or all when they are equal) send their last unit so, from
-    4 units up: the step then waits after its last reply for one unit's patch, not for the
+    2 units up: the step then waits after its last reply for one unit's patch, not for the
     4-5 patches of a whole share (9 units, at 4096x4096 on 16 workers).
 
     Which units go where: the driver uses the predictions in unit order (the sampler sums its

@@ -140,12 +140,14 @@ def test_shares_are_equal_the_larger_first_holding_the_last_ready_units():
     # Units 8 and 9 need deferred patches: the larger share takes the last ready ones instead.
     calls = _shares(deque(range(10)), workers, ready=lambda u: u < 8)
     assert [(w.index, idx) for w, idx in calls] == [(0, [4, 5, 6]), (1, [0, 1, 2]), (2, [3, 8, 9]), (0, [7])]
-    # Equal shares, or too few ready units to fill the larger shares: queue order (a tail from the end).
-    assert [idx for _, idx in _shares(deque(range(9)), workers)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    # Equal shares all finish last: the bulks in queue order, each share's last unit alone (the first share's the very
+    # last unit). Too few ready units to fill the larger shares: queue order (a tail from the end).
+    assert [idx for _, idx in _shares(deque(range(9)), workers)] == [[0, 1], [2, 3], [4, 5], [8], [7], [6]]
     assert [idx for _, idx in _shares(deque(range(10)), workers, ready=lambda u: u < 3)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
-    # Fewer units than workers: one each. A re-queued queue: positions in the queue count, not unit numbers.
+    # Fewer units than workers: one each. A re-queued queue: positions in the queue count, not unit numbers (the larger
+    # share, 4 then 0, sends 0 alone).
     assert [(w.index, idx) for w, idx in _shares(deque([5, 2]), workers)] == [(0, [5]), (1, [2])]
-    assert [idx for _, idx in _shares(deque([9, 3, 4, 0]), workers)] == [[4, 0], [9], [3]]
+    assert [idx for _, idx in _shares(deque([9, 3, 4, 0]), workers)] == [[4], [9], [3], [0]]
 
 
 def test_the_shares_that_finish_last_send_their_last_unit_alone_holding_the_last_ready_units():
