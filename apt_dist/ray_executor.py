@@ -27,6 +27,7 @@ asked and what the cluster has.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import socket
@@ -590,15 +591,8 @@ class _Staging:
         self.written = [False] * len(self.shapes)
         if buf is None:
             return
-        self.in_off, off = [], 0
-        for shape in self.shapes:
-            self.in_off.append(off)
-            off += shared_memory.nbytes(shape, self.dtype)
-        self.out_off = []
-        for u in units:
-            self.out_off.append(off)
-            off += len(u.rows) * shared_memory.nbytes(self.shapes[u.rows[0][0]], self.dtype)
-        buf.ensure(off)
+        self.in_off, self.out_off, size = _layout(tuple(self.shapes), tuple(units), self.dtype.str)
+        buf.ensure(size)
 
     def message(self, k: int, crops, shared: bool):
         """(inputs, rows re-indexed to the unit's own patches, their crops, where the output goes)."""
@@ -622,6 +616,21 @@ class _Staging:
         unit = self.units[k]
         shape = (len(unit.rows),) + self.shapes[unit.rows[0][0]]
         return torch.from_numpy(self.buf.array(self.out_off[k], shape, self.dtype))
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(shapes: tuple, units: tuple[WorkUnit, ...], dtype: str) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Byte offsets of each patch and of each unit's output rows in the shared buffer, and the size. Every step of
+    a phase has the same shapes and units: laid out once (0.2 ms at 4096x4096, before each step's first call)."""
+    in_off, off = [], 0
+    for shape in shapes:
+        in_off.append(off)
+        off += shared_memory.nbytes(shape, dtype)
+    out_off = []
+    for u in units:
+        out_off.append(off)
+        off += len(u.rows) * shared_memory.nbytes(shapes[u.rows[0][0]], dtype)
+    return tuple(in_off), tuple(out_off), off
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:

@@ -236,6 +236,8 @@ class _Sampler:
         inner = (slice(None), slice(None), slice(jr, jr + h), slice(jr, jr + w))
         bands = row_bands(h, max(8, self.plan.stride))  # windows start a stride apart: the final rows grow by strides
         rows_of = [{r0: (p[inner][:, :, r0:r1], q[inner][:, :, r0:r1]) for r0, r1 in bands} for p, q in zip(padded, scaled)]
+        lattices_of = [[p[inner][0, :, a::d, b::d] for a, b in offsets] for p in padded]  # views: 0.1 ms a step at 4096
+        x_dilated = torch.empty_like(x)  # each step's stepped sub-lattices, fused before the next step writes it
 
         @functools.cache
         def residual(i: int):  # step i's skip-residual weight and model-input divisor, once per step, not per band
@@ -265,7 +267,7 @@ class _Sampler:
 
             # Dilated views: the UNet sees the blurred sub-lattices, re-standardised to x; each
             # UNBLURRED sub-lattice is then stepped with the prediction made from its blurred twin.
-            lattices = [x[0, :, a::d, b::d] for a, b in offsets]
+            lattices = lattices_of[i % 2]  # x's sub-lattices
 
             def dilated_inputs(x=x, c3=c3, i=i):
                 x = x.contiguous()  # reduced in the order of a plain tensor: the image is what it was before the padded buffers
@@ -280,13 +282,12 @@ class _Sampler:
             # Each view is stepped as soon as its prediction is back, while other UNet calls still
             # run: the windows are averaged where they overlap, the sub-lattices written in place.
             average = WindowAverage(x.shape[1], *xp.shape[-2:], windows)
-            x_dilated = torch.empty_like(x)
             last = i + 1 == steps.stop
             out = torch.empty_like(x) if last else None  # the phase's result; else the output feeds the next input
             fused = Fusion(bands, len(offsets))
             sums: list[torch.Tensor] = []  # of the output's bands: one is NaN or inf if any value is
 
-            def fuse(upto: int, i=i, c2=c2, average=average, x_dilated=x_dilated, out=out, sums=sums) -> None:
+            def fuse(upto: int, i=i, c2=c2, average=average, out=out, sums=sums) -> None:
                 """Fuse the output rows [.., upto): (1 - c2) local + c2 dilated, one pass per band; each band
                 then becomes the next step's input at once, so little is left to do after the last reply."""
                 for r0, r1 in fused.take(upto):
@@ -299,7 +300,7 @@ class _Sampler:
             nw = len(windows)
 
             def then(ks: list[int], eps: torch.Tensor, i=i, nw=nw, local_views=local_views, lattices=lattices,
-                     average=average, x_dilated=x_dilated, fused=fused, fuse=fuse) -> None:  # views of one shape
+                     average=average, fused=fused, fuse=fuse) -> None:  # views of one shape
                 views = [local_views[k] if k < nw else lattices[k - nw] for k in ks]
                 stepped = S.step(sched, batch(views), eps, i)
                 for k, s in zip(ks, stepped):
