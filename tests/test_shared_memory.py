@@ -64,3 +64,29 @@ def test_files_of_dead_drivers_are_removed_live_ones_kept(tmp_path):
     buf.ensure(10)  # the first file of a driver sweeps up after dead ones
     assert not stale.exists() and live.exists() and other.exists()
     buf.close()
+
+
+def test_staging_lays_out_every_patch_and_every_output_apart_and_reuses_the_layout_for_the_same_step_shape():
+    import torch
+
+    from apt_dist.executor import make_units
+    from apt_dist.ray_executor import _Staging
+
+    patches = [torch.full((4, 16, 16), float(k)) for k in range(3)] + [torch.full((4, 8, 8), 9.0)]
+    units = make_units([tuple(p.shape) for p in patches], 2, True)
+    buf = shm.SharedBuffer()
+    try:
+        a, b = (_Staging(units, patches, np.float16, buf) for _ in range(2))
+        assert a.in_off is b.in_off and a.out_off is b.out_off  # laid out once for a phase's steps
+        item = np.dtype(np.float16).itemsize
+        regions = [(off, off + int(np.prod(p.shape)) * item) for off, p in zip(a.in_off, patches)]
+        regions += [(off, off + len(u.rows) * int(np.prod(patches[u.rows[0][0]].shape)) * item)
+                    for off, u in zip(a.out_off, units)]
+        regions.sort()
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(regions, regions[1:])) and regions[-1][1] <= buf.size
+        for k in range(len(units)):  # each unit reads its own patches back from the buffer
+            (path, off, shape, dtype), rows, _, _ = a.message(k, [(0, 0)] * len(patches), True)
+            got = buf.array(off, shape, np.dtype(dtype))
+            assert np.array_equal(got, np.stack([patches[p].numpy() for p in units[k].patches]).astype(np.float16))
+    finally:
+        buf.close()
