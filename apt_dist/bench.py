@@ -25,6 +25,7 @@ import torch
 
 from .config import RenderConfig
 from .executor import Executor, RenderContext
+from .outputs import write_atomic
 
 BENCHMARKS = ("phases", "overhead", "scaling", "workers")
 
@@ -368,8 +369,8 @@ def run(what: str, overrides: dict, ns, command: str | None = None) -> int:
     print(table.text())
     if ns.json_path:
         doc = table.to_dict() | {"benchmark": what, "command": command, "machine": info, "config": config.to_dict()}
-        with open(ns.json_path, "w") as f:
-            json.dump(doc, f, indent=2, default=str)
+        text = json.dumps(doc, indent=2, default=str)
+        write_atomic(ns.json_path, lambda f: f.write(text.encode()))
     if ns.markdown:
         write_markdown(ns.markdown, table, command or f"apt-dist bench {what}", info)
     return 0
@@ -388,5 +389,5 @@ def write_markdown(path: str, table: Table, command: str, info: dict | None = No
     machine_line = (f"{info['date']}; nproc {info['nproc']}, {info['cpu']}; torch {info['torch']} "
                     f"({info['torch_threads']} threads), Python {info['python']}")
     head = [f"`{command}`", "", machine_line, ""]
-    with open(path, "w") as f:
-        f.write("\n".join(head) + "\n" + table.markdown())
+    text = "\n".join(head) + "\n" + table.markdown()
+    write_atomic(path, lambda f: f.write(text.encode()))  # a run stopped mid-write leaves the file as it was

@@ -72,24 +72,31 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
-    from apt_dist.bench import Table, _pct, emit
+    from apt_dist.bench import Table, _pct, emit, write_markdown
 
-    walls: dict[str, list[float]] = {c: [] for c in args.checkouts}
-    for _ in range(args.rounds):
-        for c in args.checkouts:
+    walls: list[list[float]] = [[] for _ in args.checkouts]  # by position: the same folder twice is two rows
+
+    def table(rounds: int, timing: dict) -> Table:
+        return Table(
+            f"Two checkouts side by side: sdxl-random 4096x4096 APT, {args.steps} steps, {args.workers} simulated workers "
+            f"at {1000 * args.seconds_per_patch:g} ms/patch, {rounds} rounds x {args.renders} renders each",
+            ["checkout", "walls s", "median s", "vs bound", "vs ideal"],
+            [[label(c), " ".join(f"{w:.2f}" for w in ws), statistics.median(ws),
+              _pct(timing["barrier_s"] / statistics.median(ws)), _pct(timing["ideal_s"] / statistics.median(ws))]
+             for c, ws in zip(args.checkouts, walls)],
+            [f"barrier bound {timing['barrier_s']:.2f} s, ideal {timing['ideal_s']:.2f} s; walls: sampling phases, in run order"],
+        )
+
+    for r in range(1, args.rounds + 1):
+        for c, ws in zip(args.checkouts, walls):
             out = run_once(c, args.workers, args.renders, args.seconds_per_patch, args.steps)
-            walls[c] += out["walls"]
+            ws += out["walls"]
             timing = out["timing"]
-    table = Table(
-        f"Two checkouts side by side: sdxl-random 4096x4096 APT, {args.steps} steps, {args.workers} simulated workers at "
-        f"{1000 * args.seconds_per_patch:g} ms/patch, {args.rounds} rounds x {args.renders} renders each",
-        ["checkout", "walls s", "median s", "vs bound", "vs ideal"],
-        [[label(c), " ".join(f"{w:.2f}" for w in walls[c]), statistics.median(walls[c]),
-          _pct(timing["barrier_s"] / statistics.median(walls[c])), _pct(timing["ideal_s"] / statistics.median(walls[c]))]
-         for c in args.checkouts],
-        [f"barrier bound {timing['barrier_s']:.2f} s, ideal {timing['ideal_s']:.2f} s; walls: sampling phases, in run order"],
-    )
-    emit(table, args.markdown)
+        print(f"round {r}/{args.rounds}: " + "; ".join(f"{label(c)} {' '.join(f'{w:.2f}' for w in ws)}"
+                                                     for c, ws in zip(args.checkouts, walls)), flush=True)
+        if args.markdown and r < args.rounds:  # the rounds so far, should the run be stopped before the end
+            write_markdown(args.markdown, table(r, timing), "python " + " ".join(sys.argv))
+    emit(table(args.rounds, timing), args.markdown)
     return 0
 
 
