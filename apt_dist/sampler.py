@@ -256,7 +256,7 @@ class _Sampler:
         if steps:
             skip_residual(steps[0], x, upcoming[1])
         for i in steps:
-            t, c1, c2, c3 = weights(i)
+            t, _, c2, c3 = weights(i)  # c1 goes in through residual(i)
             windows, noised = upcoming
             xp, xp_in = padded[i % 2], scaled[i % 2]
             x = xp[inner]  # this step's input, after the skip residual towards the noised upsampled latent

@@ -2,7 +2,7 @@
 # The prepared script for a lent GPU machine (16 CPU cores, one H100/H200, no network).
 # Its image has torch, transformers and huggingface_hub but not Ray or diffusers: those travel as wheels in .whl/
 # (Ray without its Java jars, to fit the 64 MiB limit). Writes everything under $OUT (default /tmp/device_out).
-#   bash benchmarks/device_check.sh [gpu] [scaling] [boundary]   (gpu and scaling when none is named)
+#   bash benchmarks/device_check.sh [gpu] [scaling] [boundary] [ab]   (gpu and scaling when none is named)
 #   gpu:     benchmarks/gpu_check.py: sdxl-random 2048x2048 in-process (apt, demofusion) and on one Ray worker;
 #            apt-dist bench overhead.
 #   scaling: apt-dist bench scaling at WORKERS (default 4,8,16) on 16 cores instead of this repo's usual 2, the driver
