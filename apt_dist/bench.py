@@ -104,7 +104,7 @@ class ZeroExecutor(Executor):
     def start(self, context: RenderContext) -> None:
         super().start(context)
 
-    def _run_units(self, timestep, units, patches, crops, deliver, meanwhile):
+    def _run_units(self, timestep, units, patches, crops, deliver):
         for k, u in enumerate(units):
             deliver([k], [torch.zeros((len(u.rows),) + tuple(patches[u.rows[0][0]].shape))])
 

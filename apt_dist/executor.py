@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .fusion import batch
+
 UNCOND, COND = 0, 1
 
 
@@ -99,11 +101,6 @@ def _cut_units(shapes: tuple[tuple[int, ...], ...], batch_size: int, split_guida
             units.append(WorkUnit(tuple((p, b) for p in idx for b in (UNCOND, COND))))
         start = end
     return tuple(units)
-
-
-def batch(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """torch.stack, but a view for one tensor: most replies complete one patch, and the copy is a third of its cost."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 def guide(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -198,39 +195,48 @@ class Executor(ABC):
         self.context = context
         self.stats = ExecutorStats()
 
-    def predict(self, timestep: int, patches: list[torch.Tensor], crops: list[tuple[int, int]], then=None,
-                meanwhile=None) -> list:
+    def predict(self, timestep: int, patches: list[torch.Tensor], crops: list[tuple[int, int]], then=None) -> list:
         """Guided noise predictions for `patches` ([C, h, w] float32 model inputs, or DeferredPatches) at `timestep`.
 
         With `then`, predictions are handed to `then(patch_indices, eps [k, C, h, w])` as soon as
         they are ready (in any order, in batches of one shape), and what it returns (a list,
         one item per patch, or None) is returned instead: the caller's per-patch work then
         overlaps with UNet calls that are still running.
-
-        `meanwhile()`: the caller's work that needs no prediction (the next step's draws, say).
-        It runs once, before the first prediction reaches `then`; a remote executor runs it as
-        soon as its first calls are out, in time the driver would otherwise spend waiting.
         """
         ctx = self.context
         assert ctx is not None, "Executor.start(context) must be called first"
         t0 = time.perf_counter()
         units = make_units(patch_shapes(patches), ctx.view_batch_size, ctx.split_guidance)
         guidance = Guidance(units, len(patches), ctx.guidance_scale, then)
-        aside = _Once(meanwhile)
-
-        def deliver(unit_indices, outputs):
-            aside()
-            guidance.deliver(unit_indices, outputs)
-
-        self._run_units(timestep, units, patches, crops, deliver, aside)
-        aside()
+        self._run_units(timestep, units, patches, crops, guidance.deliver)
         results = guidance.finish()
         self.stats.patch_evals += len(patches)
         self.stats.unet_calls += len(units)
         self.stats.unet_rows += sum(len(u.rows) for u in units)
         made = patches.seconds if isinstance(patches, DeferredPatches) else 0.0  # the caller's work, not the executor's
-        self.stats.seconds += time.perf_counter() - t0 - guidance.then_seconds - made - aside.seconds
+        self.stats.seconds += time.perf_counter() - t0 - guidance.then_seconds - made
         return results
+
+    def denoise(self, timestep: int, view_sets: list) -> None:
+        """Predict every view of every set, handing each set its predictions as they come (`take`).
+
+        A view set (fusion.LocalViews, fusion.DilatedViews) has `shapes`, `crops`, `inputs()` and
+        `take(indices, eps)`. The first set's inputs are made now; the others' when a call first needs
+        them, so a remote executor's first calls are out while the driver makes them (the blur).
+        Predictions reach `take` in any order and grouping, overlapping the calls still running.
+        """
+        first, rest = view_sets[0], view_sets[1:]
+        tail_shapes = [sh for vs in rest for sh in vs.shapes]
+        patches = DeferredPatches(first.inputs(), tail_shapes, lambda: [p for vs in rest for p in vs.inputs()])
+        owner = [(vs, k) for vs in view_sets for k in range(len(vs.shapes))]
+
+        def take(ps: list[int], eps: torch.Tensor) -> None:
+            for vs in view_sets:
+                mine = [j for j, p in enumerate(ps) if owner[p][0] is vs]
+                if mine:
+                    vs.take([owner[ps[j]][1] for j in mine], eps if len(mine) == len(ps) else eps[mine])
+
+        self.predict(timestep, patches, [c for vs in view_sets for c in vs.crops], then=take)
 
     def decode(self, tiles: list[torch.Tensor], norm_stats: dict | None = None) -> list[torch.Tensor]:
         """Decode latent tiles [C, h, w] to image tiles [3, 8h, 8w] in [-1, 1], all with the same GroupNorm statistics."""
@@ -242,15 +248,9 @@ class Executor(ABC):
         return self._norm_stats(latent, max_side)
 
     @abstractmethod
-    def _run_units(
-        self, timestep: int, units: list[WorkUnit], patches: list[torch.Tensor], crops: list[tuple[int, int]], deliver,
-        meanwhile,
-    ) -> None:
-        """Run every unit; call `deliver(unit_indices, raw_outputs [rows, C, h, w])` once per unit, in any order.
-
-        `meanwhile()` may be called once the first calls are out (it runs once, at the first
-        delivery at the latest).
-        """
+    def _run_units(self, timestep: int, units: list[WorkUnit], patches: list[torch.Tensor], crops: list[tuple[int, int]],
+                   deliver) -> None:
+        """Run every unit; call `deliver(unit_indices, raw_outputs [rows, C, h, w])` once per unit, in any order."""
 
     @abstractmethod
     def _decode(self, tiles: list[torch.Tensor], norm_stats: dict | None) -> list[torch.Tensor]: ...
@@ -277,20 +277,6 @@ def unit_batch(unit: WorkUnit, patches: list[torch.Tensor], crops: list[tuple[in
     return x, [crops[p] for p, _ in unit.rows], [b for _, b in unit.rows]
 
 
-class _Once:
-    """Calls `fn` (may be None) the first time it is called, and times it."""
-
-    def __init__(self, fn):
-        self.fn, self.seconds = fn, 0.0
-
-    def __call__(self) -> None:
-        if self.fn is not None:
-            fn, self.fn = self.fn, None
-            t0 = time.perf_counter()
-            fn()
-            self.seconds = time.perf_counter() - t0
-
-
 class InProcessExecutor(Executor):
     """Runs every unit on one Denoiser in this process (CPU or one GPU)."""
 
@@ -305,7 +291,7 @@ class InProcessExecutor(Executor):
 
             self._denoiser = Denoiser(context.model)
 
-    def _run_units(self, timestep, units, patches, crops, deliver, meanwhile):
+    def _run_units(self, timestep, units, patches, crops, deliver):
         ctx = self.context
         for k, unit in enumerate(units):
             x, c, b = unit_batch(unit, patches, crops)

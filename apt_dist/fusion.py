@@ -1,12 +1,25 @@
-"""Fusing the stepped local views back into one latent: pure tensor code, no models, no Ray."""
+"""A step's views and their fusion: pure tensor code, no models, no Ray.
+
+An upscaling step predicts two sets of views of its latent x. Each set says what the UNet
+sees (`shapes`, `crops`, `inputs()`), takes each prediction as it comes back (`take`: the
+scheduler step of those views), and gives its stepped latent when all are in (`result`):
+
+  LocalViews    jittered n x n windows of the zero-padded x, averaged where they overlap
+  DilatedViews  the d x d sub-lattices x[a::d, b::d]; the UNet sees the blurred ones
+
+The executor (`Executor.denoise`) hands predictions over in any order and grouping, while
+other UNet calls still run; every operation here is elementwise or summed in a fixed
+order, so the result does not depend on that order.
+"""
 
 from __future__ import annotations
 
-from collections import deque
-
 import torch
+import torch.nn.functional as F
 
-from .geometry import Window
+from . import schedules as S
+from .geometry import Window, WindowViews, crop_pixels, gaussian_blur, lattice_offsets
+from .matching import standardize_to
 
 
 class WindowAverage:
@@ -20,41 +33,17 @@ class WindowAverage:
 
     def __init__(self, channels: int, height: int, width: int, windows: list[Window]):
         self.windows, self.shape = windows, (channels, height, width)
-        self.value: torch.Tensor | None = None
-        self.count: torch.Tensor | None = None  # windows over each position, at least 1 (the divisor)
-        self._pending: dict[int, torch.Tensor] = {}
-        self._next = 0
-        self._final: list[int] = []  # [k]: rows no window from k on covers (final once windows < k are in)
-
-    def prepare(self) -> None:
-        """Allocate the sums and count the cover (the windows are known up front). The first `add`
-        does it if not done before; a caller calls it early to do it while it waits anyway."""
-        if self.value is not None:
-            return
-        channels, height, width = self.shape
         self.value = torch.zeros(channels, height, width)
-        self.count = torch.zeros(1, height, width)
-        for win in self.windows:
+        self.count = torch.zeros(1, height, width)  # windows over each position, at least 1 (the divisor)
+        for win in windows:
             ys, xs = win.slices()
             self.count[:, ys, xs] += 1
         self.count.clamp_(min=1)  # uncovered positions: 0 / 1
-        self._final = [height] * (len(self.windows) + 1)
-        for k in reversed(range(len(self.windows))):
-            self._final[k] = min(self.windows[k].top, self._final[k + 1])
-
-    def final_rows(self) -> int:
-        """How many leading rows no window still to come covers: their average is final.
-
-        Windows are summed in window order (by rows of windows, top first), so the rows above
-        the next window's top are done long before the last window arrives: the sampler fuses
-        them while the last UNet calls still run.
-        """
-        self.prepare()
-        return self._final[self._next]
+        self._pending: dict[int, torch.Tensor] = {}
+        self._next = 0
 
     def add(self, k: int, view: torch.Tensor) -> None:
         """Window k's values [C, h, w]."""
-        self.prepare()
         self._pending[k] = view
         while self._next in self._pending:
             ys, xs = self.windows[self._next].slices()
@@ -62,37 +51,75 @@ class WindowAverage:
             self._next += 1
 
     def result(self, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
-        """[C, H, W] (or the region rows x cols): the average where windows cover, 0 elsewhere.
-
-        A region of final rows (`final_rows`) may be taken before every window is in.
-        """
-        stop = self.shape[1] if rows.stop is None else rows.stop
-        if stop > self.final_rows():
+        """[C, H, W] (or the region rows x cols): the average where windows cover, 0 elsewhere."""
+        if self._next < len(self.windows):
             raise RuntimeError(f"window {self._next} of {len(self.windows)} never arrived")
         return self.value[:, rows, cols] / self.count[:, rows, cols]
 
 
-class Fusion:
-    """Which row bands of a step's output can be fused now: each once, top first, when it is final.
+class LocalViews:
+    """Step i's local views: windows of x zero-padded by `pad` (the jitter range), in padded coordinates.
 
-    A band is final when every dilated sub-lattice is stepped (each covers every row) and no
-    window still to come covers it (`WindowAverage.final_rows`). The bands are fixed up front
-    (`geometry.row_bands`), not cut where the replies happen to stop: every band then gets the
-    same float ops whatever the order and grouping of the replies, and so does the image.
+    The UNet sees each window of the scaled latent, with the window's top-left in the unpadded
+    image as its SDXL crop; each window of x is stepped with its prediction.
     """
 
-    def __init__(self, bands: list[tuple[int, int]], lattices: int):
-        self.todo = deque(bands)
-        self.lattices_left = lattices
+    def __init__(self, x: torch.Tensor, windows: list[Window], pad: int, sched: S.NoiseSchedule, i: int, vae_scale: int):
+        self.sched, self.i, self.pad, self.size = sched, i, pad, x.shape[-2:]
+        padded = F.pad(x, (pad, pad, pad, pad))
+        self.views = WindowViews(padded, windows)
+        self.model_views = WindowViews(S.scale_model_input(sched, padded, i), windows)
+        self.shapes = self.views.shapes
+        self.crops = [crop_pixels(win, pad, vae_scale) for win in windows]
+        self.average = WindowAverage(x.shape[1], *padded.shape[-2:], windows)
 
-    def lattice_done(self) -> None:
-        self.lattices_left -= 1
+    def inputs(self) -> WindowViews:
+        return self.model_views  # views, each made on first use
 
-    def take(self, upto: int) -> list[tuple[int, int]]:
-        """The bands not yet taken that end at or above row `upto` (their windows are all in)."""
-        if self.lattices_left > 0:
-            return []
-        out = []
-        while self.todo and self.todo[0][1] <= upto:
-            out.append(self.todo.popleft())
-        return out
+    def take(self, ks: list[int], eps: torch.Tensor) -> None:
+        stepped = S.step(self.sched, batch([self.views[k] for k in ks]), eps, self.i)
+        for k, s in zip(ks, stepped):
+            self.average.add(k, s)
+
+    def result(self) -> torch.Tensor:
+        (h, w), p = self.size, self.pad
+        return self.average.result(slice(p, p + h), slice(p, p + w))[None]
+
+
+class DilatedViews:
+    """Step i's dilated views: the d x d sub-lattices x[..., a::d, b::d].
+
+    The UNet sees the blurred sub-lattice (a Gaussian blur of x with std `sigma`, re-standardised
+    to x's mean and std); the unblurred one is stepped with that prediction and written back.
+    """
+
+    def __init__(self, x: torch.Tensor, d: int, sigma: float, sched: S.NoiseSchedule, i: int):
+        self.x, self.d, self.sigma, self.sched, self.i = x, d, sigma, sched, i
+        self.offsets = lattice_offsets(d)
+        h, w = x.shape[-2:]
+        self.shapes = [(x.shape[1], len(range(a, h, d)), len(range(b, w, d))) for a, b in self.offsets]
+        self.crops = [(0, 0)] * len(self.offsets)
+        self.out = torch.empty_like(x)
+
+    def inputs(self) -> list[torch.Tensor]:
+        """Made when first needed: a remote executor has the local windows' calls out while this blurs."""
+        x, d = self.x, self.d
+        blurred = standardize_to(gaussian_blur(x, 2 * d - 1, self.sigma), x.mean(), x.std())
+        model_in = S.scale_model_input(self.sched, blurred, self.i)
+        return [model_in[0, :, a::d, b::d] for a, b in self.offsets]
+
+    def take(self, ks: list[int], eps: torch.Tensor) -> None:
+        d = self.d
+        lattices = [self.x[0, :, a::d, b::d] for a, b in (self.offsets[k] for k in ks)]
+        stepped = S.step(self.sched, batch(lattices), eps, self.i)
+        for k, s in zip(ks, stepped):
+            a, b = self.offsets[k]
+            self.out[0, :, a::d, b::d] = s
+
+    def result(self) -> torch.Tensor:
+        return self.out
+
+
+def batch(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, but a view for one tensor (most replies complete one patch)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)

@@ -135,11 +135,6 @@ def count_local_windows(height: int, width: int, native: int, stride: int) -> in
     return len(_axis_positions(height, min(native, height), stride)) * len(_axis_positions(width, min(native, width), stride))
 
 
-def row_bands(height: int, rows: int) -> list[tuple[int, int]]:
-    """[start, stop) row ranges of `rows` rows (the last one shorter) covering [0, height), top first."""
-    return [(r, min(r + rows, height)) for r in range(0, height, rows)]
-
-
 def crop_pixels(window: Window, pad: int, vae_scale: int) -> tuple[int, int]:
     """SDXL crop coordinates of a window: its top-left in image pixels (clamped to the image)."""
     return max(0, window.top - pad) * vae_scale, max(0, window.left - pad) * vae_scale

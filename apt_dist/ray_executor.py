@@ -333,7 +333,7 @@ class RayExecutor(Executor):
             self._pg = None
 
     # ---- the per-timestep loop -----------------------------------------------------------
-    def _run_units(self, timestep, units: list[WorkUnit], patches, crops, deliver, meanwhile):
+    def _run_units(self, timestep, units: list[WorkUnit], patches, crops, deliver):
         staging = self._staging(units, patches)
 
         def submit(w, idx):
@@ -347,7 +347,7 @@ class RayExecutor(Executor):
 
         made = len(patches.head) if isinstance(patches, DeferredPatches) else len(patches)  # patches that exist now
         self._dispatch(len(units), submit, receive, weights=[len(u.rows) / 2 for u in units], what=f"timestep {timestep}",
-                       meanwhile=meanwhile, ready=lambda k: units[k].patches[-1] < made)
+                       ready=lambda k: units[k].patches[-1] < made)
 
     def _direct(self, w: WorkerState) -> bool:
         """Whether w's predict calls go over its socket (else through Ray)."""
@@ -379,10 +379,9 @@ class RayExecutor(Executor):
                        _store(results), weights=[0], what="decode statistics")
         return results[0]
 
-    def _dispatch(self, n: int, submit, receive, weights: list[float], what: str, meanwhile=None, ready=None) -> None:
+    def _dispatch(self, n: int, submit, receive, weights: list[float], what: str, ready=None) -> None:
         """Run items 0..n-1 on live workers: `submit(worker, indices)` -> ref; `receive(indices, outputs)` per reply.
 
-        `meanwhile()`, the caller's own work, runs once, as soon as the first calls are out.
         `ready(item)`: whether the item can be sent without first making its input (see `_shares`).
         """
         import ray
@@ -396,9 +395,6 @@ class RayExecutor(Executor):
                 for w, idx in _shares(queue, idle, ready):
                     in_flight[submit(w, idx)] = (w, idx)
                     w.in_flight += 1
-            if meanwhile is not None and in_flight:
-                meanwhile, run = None, meanwhile
-                run()
             self._ping_lost_workers()
             if not live and not in_flight and all(w.dead for w in self.workers):
                 raise ClusterError(

@@ -20,7 +20,6 @@ the order their answers arrive in.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,9 +29,9 @@ import torch.nn.functional as F
 
 from . import schedules as S
 from .config import RenderConfig
-from .executor import DeferredPatches, Executor, InProcessExecutor, RenderContext, batch
-from .fusion import Fusion, WindowAverage
-from .geometry import WindowViews, crop_pixels, gaussian_blur, jitter_range, lattice_offsets, local_windows, row_bands
+from .executor import Executor, InProcessExecutor, RenderContext
+from .fusion import DilatedViews, LocalViews
+from .geometry import jitter_range, local_windows
 from .matching import ReferenceStats, standardize_to, statistical_matching
 from .outputs import to_pil
 from .plan import PhasePlan, Plan, build_plan
@@ -208,7 +207,7 @@ class _Sampler:
 
     # ---- phases 2..S: upscale, match, re-noise, denoise with fused views ---------
     def upscale_phase(self, phase: PhasePlan, prev: torch.Tensor, ref: ReferenceStats) -> torch.Tensor:
-        cfg, n = self.cfg, self.plan.native_window
+        cfg, n, stride, vae_scale = self.cfg, self.plan.native_window, self.plan.stride, self.plan.vae_scale
         h, w, d = phase.latent_height, phase.latent_width, phase.dilation
         z = F.interpolate(prev, size=(h, w), mode="bicubic", align_corners=False)
         if cfg.sm_on:  # Statistical Matching
@@ -216,116 +215,31 @@ class _Sampler:
         sched = self.schedule(phase.eta)  # Scale-aware Scheduling
         noise = torch.randn(z.shape, generator=self.gen)  # one draw for the whole phase
         x = S.add_noise(sched, z, noise, phase.start_step)  # the shortcut: start at N - T0
-        jr = jitter_range(n, self.plan.stride)
-        offsets = lattice_offsets(d)
-        steps = self._steps(phase)
-
-        def ahead(i: int):  # what step i needs that its input x does not decide: its windows' draws, its noised z
-            return local_windows(h, w, n, self.plan.stride, self.gen if cfg.jitter else None), S.add_noise(sched, z, noise, i)
-
-        def weights(i: int):  # the timestep and DemoFusion's cosine weights of step i
-            t = int(sched.timesteps[i])
-            cf = S.cosine_factor(t, sched.num_train_timesteps)
-            return t, cf**cfg.cosine_scale_1, cf**cfg.cosine_scale_2, 0.99 * cf**cfg.cosine_scale_3 + 0.01
-
-        # Each step's input lives in a zero-bordered buffer (the jitter's padding), next to its scaled
-        # copy (the model's input). Two of each: while step i's UNet calls run, the rows of its output
-        # that are final already become step i + 1's input, in fixed row bands (below).
-        padded = [torch.zeros(1, x.shape[1], h + 2 * jr, w + 2 * jr) for _ in range(2)]
-        scaled = padded if S.input_divisor(sched, 0) is None else [torch.zeros_like(p) for p in padded]
-        inner = (slice(None), slice(None), slice(jr, jr + h), slice(jr, jr + w))
-        bands = row_bands(h, max(8, self.plan.stride))  # windows start a stride apart: the final rows grow by strides
-        rows_of = [{r0: (p[inner][:, :, r0:r1], q[inner][:, :, r0:r1]) for r0, r1 in bands} for p, q in zip(padded, scaled)]
-        lattices_of = [[p[inner][0, :, a::d, b::d] for a, b in offsets] for p in padded]  # views: 0.1 ms a step at 4096
-        x_dilated = torch.empty_like(x)  # each step's stepped sub-lattices, fused before the next step writes it
-
-        @functools.cache
-        def residual(i: int):  # step i's skip-residual weight and model-input divisor, once per step, not per band
-            return 1 - weights(i)[1], S.input_divisor(sched, i)
-
-        def skip_residual(i: int, x: torch.Tensor, noised: torch.Tensor, r0: int | None = None) -> None:
-            """Step i's input (or its band from row r0): the skip residual (1 - c1) x + c1 noised, one pass,
-            and the model's input."""
-            xi, xi_in = (padded[i % 2][inner], scaled[i % 2][inner]) if r0 is None else rows_of[i % 2][r0]
-            weight, divisor = residual(i)
-            torch.lerp(noised if r0 is None else noised[:, :, r0 : r0 + xi.shape[2]], x, weight, out=xi)
-            if scaled is not padded:
-                torch.div(xi, divisor, out=xi_in)
-
-        upcoming = ahead(steps[0]) if steps else None
-        if steps:
-            skip_residual(steps[0], x, upcoming[1])
-        for i in steps:
-            t, _, c2, c3 = weights(i)  # c1 goes in through residual(i)
-            windows, noised = upcoming
-            xp, xp_in = padded[i % 2], scaled[i % 2]
-            x = xp[inner]  # this step's input, after the skip residual towards the noised upsampled latent
-
-            # Local views: jittered windows of the zero-padded latent (views made on first use).
-            local_views = WindowViews(xp, windows)
-            crops = [crop_pixels(win, jr, self.plan.vae_scale) for win in windows]
-
-            # Dilated views: the UNet sees the blurred sub-lattices, re-standardised to x; each
-            # UNBLURRED sub-lattice is then stepped with the prediction made from its blurred twin.
-            lattices = lattices_of[i % 2]  # x's sub-lattices
-
-            def dilated_inputs(x=x, c3=c3, i=i):
-                x = x.contiguous()  # reduced in the order of a plain tensor: the image is what it was before the padded buffers
-                blurred = standardize_to(gaussian_blur(x, 2 * d - 1, cfg.sigma * c3), x.mean(), x.std())
-                blurred_in = S.scale_model_input(sched, blurred, i)
-                return [blurred_in[0, :, a::d, b::d] for a, b in offsets]
-
-            # Model inputs are views of the scaled buffer. The blurred ones are made when the executor
-            # first needs them: the calls for the local windows are already running while the driver blurs.
-            model_in = DeferredPatches(WindowViews(xp_in, windows), [lat.shape for lat in lattices], dilated_inputs)
-
-            # Each view is stepped as soon as its prediction is back, while other UNet calls still
-            # run: the windows are averaged where they overlap, the sub-lattices written in place.
-            average = WindowAverage(x.shape[1], *xp.shape[-2:], windows)
-            last = i + 1 == steps.stop
-            out = torch.empty_like(x) if last else None  # the phase's result; else the output feeds the next input
-            fused = Fusion(bands, len(offsets))
-            sums: list[torch.Tensor] = []  # of the output's bands: one is NaN or inf if any value is
-
-            def fuse(upto: int, i=i, c2=c2, average=average, out=out, sums=sums) -> None:
-                """Fuse the output rows [.., upto): (1 - c2) local + c2 dilated, one pass per band; each band
-                then becomes the next step's input at once, so little is left to do after the last reply."""
-                for r0, r1 in fused.take(upto):
-                    local = average.result(slice(jr + r0, jr + r1), slice(jr, jr + w))[None]
-                    xo = torch.lerp(local, x_dilated[:, :, r0:r1], c2, out=None if out is None else out[:, :, r0:r1])
-                    sums.append(xo.sum())
-                    if out is None:
-                        skip_residual(i + 1, xo, upcoming[1], r0)
-
-            nw = len(windows)
-
-            def then(ks: list[int], eps: torch.Tensor, i=i, nw=nw, local_views=local_views, lattices=lattices,
-                     average=average, fused=fused, fuse=fuse) -> None:  # views of one shape
-                views = [local_views[k] if k < nw else lattices[k - nw] for k in ks]
-                stepped = S.step(sched, batch(views), eps, i)
-                for k, s in zip(ks, stepped):
-                    if k < nw:
-                        average.add(k, s)
-                    else:
-                        a, b = offsets[k - nw]
-                        x_dilated[0, :, a::d, b::d] = s
-                        fused.lattice_done()
-                fuse(average.final_rows() - jr)  # the rows no window still to come covers (once the sub-lattices are in)
-
-            def meanwhile(i=i, average=average):  # while the UNet calls run: the next step's draws, this step's sums
-                nonlocal upcoming
-                if i + 1 < steps.stop:
-                    upcoming = ahead(i + 1)  # the generator's draws stay in the same order
-                average.prepare()
-
-            self.ex.predict(t, model_in, crops + [(0, 0)] * len(offsets), then=then, meanwhile=meanwhile)
-            fuse(h)  # the rows the last replies held
-            self._check(torch.stack(sums).sum(), phase, i, t)
-            if last:
-                x = out
+        jr = jitter_range(n, stride)
+        for i in self._steps(phase):
+            t, c1, c2, c3 = self.weights(sched, i)
+            # Skip residual towards the noised upsampled latent: (1 - c1) x + c1 zhat_i.
+            x = torch.lerp(S.add_noise(sched, z, noise, i), x, 1 - c1)
+            # Local views: jittered windows of the zero-padded latent.
+            windows = local_windows(h, w, n, stride, self.gen if cfg.jitter else None)
+            local = LocalViews(x, windows, jr, sched, i, vae_scale)
+            # Dilated views: the UNet sees the blurred sub-lattices, the unblurred ones are stepped.
+            dilated = DilatedViews(x, d, cfg.sigma * c3, sched, i)
+            # Predictions, each view stepped as it comes back (overlapping the UNet calls still running).
+            self.ex.denoise(t, [local, dilated])
+            # Fusion: (1 - c2) local + c2 dilated.
+            x = torch.lerp(local.result(), dilated.result(), c2)
+            self._check(x.sum(), phase, i, t)
         if cfg.anchor_renorm:
             x = standardize_to(x, ref.mean, ref.std)
         return x
+
+    def weights(self, sched: S.NoiseSchedule, i: int) -> tuple[int, float, float, float]:
+        """Step i's timestep and DemoFusion's cosine weights c1 (skip residual), c2 (fusion), c3 (blur)."""
+        cfg = self.cfg
+        t = int(sched.timesteps[i])
+        cf = S.cosine_factor(t, sched.num_train_timesteps)
+        return t, cf**cfg.cosine_scale_1, cf**cfg.cosine_scale_2, 0.99 * cf**cfg.cosine_scale_3 + 0.01
 
     # ---- helpers -----------------------------------------------------------------
     def _steps(self, phase: PhasePlan):

@@ -2,7 +2,7 @@
 
 Every step of the simulated 4096x4096 APT render waits, after its last reply, for the driver
 to use that reply, finish the step and send the next step's first call; the workers idle
-meanwhile. This replays each step as `--workers` workers of equal speed would answer it:
+in the meantime. This replays each step as `--workers` workers of equal speed would answer it:
 the units are shared out as RayExecutor shares them (`_shares`), each call's patches are
 staged as for a worker on the driver's node (`_Staging`, float16, into a shared-memory
 file), and the replies (zeros) reach the sampler in the order the calls end. Nothing
@@ -44,7 +44,7 @@ class ReplayExecutor(ZeroExecutor):
         self.buf = shared_memory.SharedBuffer()
         self.marks: list[tuple[str, float]] = []
 
-    def _run_units(self, timestep, units, patches, crops, deliver, meanwhile):
+    def _run_units(self, timestep, units, patches, crops, deliver):
         staging = _Staging(units, patches, np.float16, self.buf)
         made = len(patches.head) if isinstance(patches, DeferredPatches) else len(patches)
         calls = _shares(deque(range(len(units))), self.workers, lambda k: units[k].patches[-1] < made)
@@ -54,7 +54,6 @@ class ReplayExecutor(ZeroExecutor):
                 staging.message(k, crops, True)
             if n == 0:
                 self.marks.append(("first call", time.perf_counter()))
-                meanwhile()
             busy[w.index] = busy.get(w.index, 0) + len(idx)  # a worker runs its calls back to back
             ends.append((busy[w.index], n, idx))
         ends.sort()  # replies in the order the calls end; ties in the order they were sent

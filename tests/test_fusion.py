@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from apt_dist.executor import DeferredPatches, Guidance, guide, make_units, patch_shapes
-from apt_dist.fusion import Fusion, WindowAverage
+from apt_dist.fusion import WindowAverage
 from apt_dist.geometry import Window
 
 
@@ -36,16 +36,9 @@ def test_window_average_is_bit_identical_for_every_arrival_order():
     assert torch.equal(avg.result(slice(1, 5), slice(2, 7)), results[0][:, 1:5, 2:7])  # a region: the same values
 
 
-def test_window_average_prepared_early_or_on_first_add_is_the_same():
-    g = torch.Generator().manual_seed(2)
-    views = [torch.randn(3, 4, 4, generator=g) for _ in _windows()]
-    early, lazy = WindowAverage(3, 7, 7, _windows()), WindowAverage(3, 7, 7, _windows())
-    early.prepare()
-    assert torch.equal(early.count[0, 0], torch.tensor([1.0, 1, 2, 2, 1, 1, 1]))  # counted before any window (0 -> 1)
-    for avg in (early, lazy):
-        for k in (2, 0, 3, 1):
-            avg.add(k, views[k])
-    assert torch.equal(early.result(), lazy.result())
+def test_window_average_counts_the_cover_up_front():
+    avg = WindowAverage(3, 7, 7, _windows())
+    assert torch.equal(avg.count[0, 0], torch.tensor([1.0, 1, 2, 2, 1, 1, 1]))  # counted before any window (0 -> 1)
     assert torch.equal(WindowAverage(3, 2, 2, []).result(), torch.zeros(3, 2, 2))  # no windows: nothing covered
 
 
@@ -55,43 +48,6 @@ def test_window_average_refuses_a_missing_window():
     avg.add(2, torch.ones(3, 4, 4))
     with pytest.raises(RuntimeError, match="window 1 of 4 never arrived"):
         avg.result()
-
-
-def test_rows_above_every_window_still_to_come_are_final_and_their_average_is_the_last_one():
-    g = torch.Generator().manual_seed(3)
-    windows = [Window(0, 0, 4, 4), Window(0, 3, 4, 4), Window(2, 0, 4, 4), Window(3, 3, 4, 4)]
-    views = [torch.randn(3, 4, 4, generator=g) for _ in windows]
-    full = WindowAverage(3, 7, 7, windows)
-    for k, v in enumerate(views):
-        full.add(k, v)
-    avg = WindowAverage(3, 7, 7, windows)
-    assert avg.final_rows() == 0
-    avg.add(1, views[1])
-    assert avg.final_rows() == 0  # window 0 is not in: nothing is summed yet
-    avg.add(0, views[0])
-    assert avg.final_rows() == 2  # windows 2 and 3 start at rows 2 and 3
-    assert torch.equal(avg.result(slice(0, 2), slice(1, 6)), full.result()[:, 0:2, 1:6])
-    with pytest.raises(RuntimeError, match="window 2 of 4 never arrived"):
-        avg.result(slice(1, 3))
-    avg.add(2, views[2])
-    assert avg.final_rows() == 3
-    avg.add(3, views[3])
-    assert avg.final_rows() == 7 and torch.equal(avg.result(), full.result())
-    # Jitter can put a later window above an earlier one: the frontier is the lowest top still to come.
-    jittered = WindowAverage(3, 7, 7, [Window(0, 0, 4, 4), Window(3, 0, 4, 4), Window(1, 3, 4, 4)])
-    jittered.add(0, views[0])
-    assert jittered.final_rows() == 1
-
-
-def test_fusion_hands_out_each_band_once_top_first_when_its_rows_are_final():
-    fusion = Fusion([(0, 4), (4, 8), (8, 10)], lattices=2)
-    assert fusion.take(10) == []  # a sub-lattice still to come covers every row
-    fusion.lattice_done()
-    fusion.lattice_done()
-    assert fusion.take(3) == []  # a band is taken whole, never cut where the final rows end
-    assert fusion.take(5) == [(0, 4)]
-    assert fusion.take(5) == []
-    assert fusion.take(10) == [(4, 8), (8, 10)] and fusion.take(10) == []
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -218,21 +174,42 @@ def test_deferred_patches_refuse_a_tail_that_breaks_its_announced_shapes():
         dp[0]
 
 
-def test_meanwhile_runs_once_before_the_first_prediction_is_used_and_is_not_executor_time():
-    import time
+class _RecordingViews:
+    """A view set that records what it is handed: `take(indices, eps)`."""
 
-    from apt_dist.bench import ZeroExecutor
-    from apt_dist.executor import RenderContext
+    def __init__(self, shapes, value: float, log: list):
+        self.shapes, self.crops, self.value, self.log = shapes, [(0, 0)] * len(shapes), value, log
+        self.taken: dict[int, torch.Tensor] = {}
 
-    ex = ZeroExecutor()
-    ex.start(RenderContext(model=None, embeds=None, original_size=(64, 64), guidance_scale=5.0))
-    events = []
-    out = ex.predict(1, [torch.ones(4, 8, 8)] * 3, [(0, 0)] * 3,
-                     then=lambda ks, eps: events.append(("then", ks)) or list(eps),
-                     meanwhile=lambda: events.append(("meanwhile",)) or time.sleep(0.3))
-    assert events[0] == ("meanwhile",) and events.count(("meanwhile",)) == 1
-    assert sorted(k for e in events[1:] for k in e[1]) == [0, 1, 2] and len(out) == 3
-    assert ex.stats.seconds < 0.15  # the caller's 0.3 s are not counted as time in UNet calls
+    def inputs(self):
+        self.log.append(("inputs", self.value))
+        return [torch.full(sh, self.value) for sh in self.shapes]
+
+    def take(self, ks, eps):
+        self.log.append(("take", self.value, list(ks)))
+        self.taken.update(zip(ks, eps))
+
+
+def test_denoise_hands_each_view_set_its_own_predictions_and_makes_later_sets_only_when_needed():
+    from apt_dist.executor import InProcessExecutor, RenderContext
+
+    class Echo(InProcessExecutor):  # every UNet row predicts its input: the guided prediction is the patch itself
+        def _run_units(self, timestep, units, patches, crops, deliver):
+            for k, unit in enumerate(units):
+                deliver([k], [torch.stack([patches[p] for p, _ in unit.rows])])
+
+    ex = Echo(denoiser=object())
+    ex.context = RenderContext(model=None, embeds=None, original_size=(64, 64), guidance_scale=3.0, view_batch_size=4,
+                               split_guidance=False)
+    log = []
+    # Both sets have patches of one shape, so one call and one batch of predictions spans both sets.
+    first, second = _RecordingViews([(4, 6, 6)] * 3, 1.0, log), _RecordingViews([(4, 6, 6)] * 2, 2.0, log)
+    ex.denoise(5, [first, second])
+    assert log[0] == ("inputs", 1.0) and log[1] == ("inputs", 2.0)  # the second set's inputs, when a call needs them
+    assert sorted(first.taken) == [0, 1, 2] and sorted(second.taken) == [0, 1]
+    assert all(torch.equal(e, torch.full((4, 6, 6), 1.0)) for e in first.taken.values())
+    assert all(torch.equal(e, torch.full((4, 6, 6), 2.0)) for e in second.taken.values())
+    assert ex.stats.patch_evals == 5
 
 
 def test_guide_is_classifier_free_guidance_in_float32():

@@ -14,7 +14,6 @@ from apt_dist.geometry import (
     lattice_offsets,
     local_windows,
     phase_shapes,
-    row_bands,
 )
 
 
@@ -87,11 +86,6 @@ def test_window_views_are_the_windows_of_the_latent_made_on_first_use():
     assert torch.equal(dp[k], x[0, :, ys, xs]) and dp[k].data_ptr() == x[0, :, ys, xs].data_ptr()  # a view, no copy
     assert sum(v is not None for v in views._views) == 1 and views[k] is views[k]
     assert [torch.equal(views[j], x[0, :, w.top : w.top + 16, w.left : w.left + 16]) for j, w in enumerate(windows)] == [True] * len(windows)
-
-
-def test_row_bands_cover_the_rows_in_order_the_last_one_shorter():
-    assert row_bands(36, 8) == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 36)]
-    assert row_bands(16, 16) == [(0, 16)] and row_bands(5, 8) == [(0, 5)]
 
 
 def test_crop_coordinates_are_top_left_pixels():

@@ -213,34 +213,25 @@ def test_simulated_workers_render_the_plan():
     assert served == pytest.approx(r.patch_evals)
 
 
-def test_the_driver_does_its_own_work_while_the_first_calls_run():
-    """The sampler's `meanwhile` (next step's draws, this step's sums) runs once per step, with the calls out."""
-    steps = []
+def test_the_driver_blurs_the_dilated_views_while_the_first_calls_run(monkeypatch):
+    """The dilated views' inputs (the blur) are made once per step, with the local windows' calls already out."""
+    import apt_dist.fusion
 
-    class Spy(RayExecutor):
-        def predict(self, t, patches, crops, then=None, meanwhile=None):
-            if meanwhile is None:  # phase 1: one view, nothing to prepare
-                return super().predict(t, patches, crops, then)
-            events = []
-            steps.append(events)
+    made = []
+    ex = None
+    inputs = apt_dist.fusion.DilatedViews.inputs
 
-            def spy_meanwhile():
-                events.append(("meanwhile", sum(w.in_flight > 0 for w in self.workers)))  # workers with calls out
-                meanwhile()
+    def spy_inputs(self):
+        made.append(sum(w.in_flight > 0 for w in ex.workers))  # workers with calls out
+        return inputs(self)
 
-            def spy_then(ks, eps):
-                events.append(("then",))
-                return then(ks, eps)
-
-            return super().predict(t, patches, crops, spy_then, spy_meanwhile)
-
+    monkeypatch.setattr(apt_dist.fusion.DilatedViews, "inputs", spy_inputs)
     cfg = small_config(model="sdxl-random", width=2048, height=2048, steps=4, shortcut_steps=2)
-    with Spy(num_workers=2, simulate_seconds_per_patch=0.0) as ex:
+    with RayExecutor(num_workers=2, simulate_seconds_per_patch=0.0) as ex:
         render(cfg, executor=ex, progress=False)
-    assert len(steps) == 2
-    for events in steps:
-        assert events[0] == ("meanwhile", 2)  # both workers' calls out before the driver turned to its own work
-        assert events[1:] == [("then",)] * (len(events) - 1) and len(events) > 1
+    # One per upscaling step, with the first worker's window call already out: the second worker's share holds
+    # the dilated views, so its call waits for the blur.
+    assert made == [1, 1]
 
 
 def test_float16_model_travels_in_float16_and_stays_bit_identical():

@@ -71,12 +71,11 @@ class OrderedExecutor(InProcessExecutor):
 
     def __init__(self, backwards: bool):
         super().__init__()
-        self.backwards, self.events = backwards, []
+        self.backwards = backwards
 
-    def _run_units(self, timestep, units, patches, crops, deliver, meanwhile):
+    def _run_units(self, timestep, units, patches, crops, deliver):
         outs = []
-        self.events.append(("step",))
-        super()._run_units(timestep, units, patches, crops, lambda ks, o: outs.extend(o), meanwhile)
+        super()._run_units(timestep, units, patches, crops, lambda ks, o: outs.extend(o))
         windows = len(patches.head) if isinstance(patches, DeferredPatches) else len(patches)
         lattices = [k for k, u in enumerate(units) if u.patches[0] >= windows]
         rest = [k for k in range(len(units)) if k not in lattices]
@@ -84,34 +83,13 @@ class OrderedExecutor(InProcessExecutor):
             rest.reverse()
         for group in [lattices] + [rest[j : j + 2] for j in range(0, len(rest), 2)]:
             if group:
-                self.events.append(("deliver",))
                 deliver(group, [outs[k] for k in group])
 
 
-def test_replies_in_any_order_and_grouping_give_the_same_image_and_rows_are_fused_before_the_last_reply(
-        executor, base_result, monkeypatch):
-    import apt_dist.sampler
-
-    ex = None
-
-    class SpyFusion(apt_dist.sampler.Fusion):
-        def take(self, upto):
-            bands = super().take(upto)
-            ex.events.extend([("band",)] * len(bands))
-            return bands
-
-    monkeypatch.setattr(apt_dist.sampler, "Fusion", SpyFusion)
+def test_replies_in_any_order_and_grouping_give_the_same_image(base_result):
     for backwards in (False, True):
-        ex = OrderedExecutor(backwards)
-        r = render(small_config(), executor=ex, progress=False)
+        r = render(small_config(), executor=OrderedExecutor(backwards), progress=False)
         assert torch.equal(r.latent, base_result.latent), backwards
-        steps = "".join(e[0][0] for e in ex.events).split("s")[1:]
-        upscaling = [st for st in steps if "b" in st]  # phase 1 has no bands
-        bands = [-(-p.latent_height // 8) for p in r.plan.phases[1:] for _ in range(p.steps)]  # 24 and 36 rows
-        assert [st.count("b") for st in upscaling] == bands == [3] * 4 + [5] * 4
-        # In order, the top rows' windows come first: most bands are fused before the last reply.
-        early = [st.rfind("d") > st.find("b") for st in upscaling]
-        assert all(early) if not backwards else not any(early)
 
 
 class NaNExecutor(InProcessExecutor):
@@ -119,12 +97,12 @@ class NaNExecutor(InProcessExecutor):
         super().__init__()
         self.calls, self.at = 0, at_phase_step
 
-    def predict(self, timestep, patches, crops, then=None, meanwhile=None):
+    def predict(self, timestep, patches, crops, then=None):
         self.calls += 1
         if self.calls == self.at:  # poison patch 0's prediction on its way to the sampler
             inner = then or (lambda ks, eps: list(eps))
             then = lambda ks, eps: inner(ks, eps * float("nan") if 0 in ks else eps)  # noqa: E731
-        return super().predict(timestep, patches, crops, then, meanwhile)
+        return super().predict(timestep, patches, crops, then)
 
 
 def test_nan_stops_the_render_naming_phase_and_step():
