@@ -248,6 +248,8 @@ def test_launcher_walkthrough_renders_over_ssh_and_leaves_nothing_running():
     client_env = {k: v for k, v in os.environ.items()
                   if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR")}
     client_env.update(head_env, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0")
+    # sshd took the key already (start_sshd): `ray up` that cannot SSH in 2 minutes fails (Ray waits 900 s).
+    client_env.setdefault("AUTOSCALER_NODE_START_WAIT_S", "120")
 
     sshd, namespace, launched, outputs, t0 = None, None, False, {}, time.time()
     timings = []
@@ -268,8 +270,11 @@ def test_launcher_walkthrough_renders_over_ssh_and_leaves_nothing_running():
                 run = run[: -len(" .")] + f" {fetched}/"
             launched = launched or sub == "up"
             t = time.time()
-            r = subprocess.run(["bash", "-c", run], cwd=ROOT, env=client_env, capture_output=True, text=True,
-                               timeout=900, stdin=subprocess.DEVNULL)
+            try:
+                r = subprocess.run(["bash", "-c", run], cwd=ROOT, env=client_env, capture_output=True, text=True,
+                                   timeout=900, stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired as e:
+                pytest.fail(f"`{cmd}` did not finish in {e.timeout:.0f} s:\n{(e.stdout or b'')[-4000:]!r}")
             timings.append(f"{sub}: {time.time() - t:.0f} s")
             outputs[sub] = out = r.stdout + r.stderr
             assert r.returncode == 0, f"`{cmd}` failed ({r.returncode}):\n{out[-6000:]}"
