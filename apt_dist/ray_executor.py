@@ -49,8 +49,17 @@ class ClusterError(RuntimeError):
     """The cluster cannot run the render: placement failed, or no worker is left."""
 
 
-# Where `ray start --head` leaves the address that `address="auto"` joins (Ray's default temp dir).
-RAY_CURRENT_CLUSTER = "/tmp/ray/ray_current_cluster"
+# Where `ray start --head` leaves the address that `address="auto"` joins; None: Ray's own rule
+# (ray_current_cluster in $RAY_TMPDIR/ray, else $TMPDIR/ray, else /tmp/ray).
+RAY_CURRENT_CLUSTER: str | None = None
+
+
+def ray_current_cluster_file() -> str:
+    if RAY_CURRENT_CLUSTER:
+        return RAY_CURRENT_CLUSTER
+    from ray._common.utils import get_ray_address_file
+
+    return get_ray_address_file(None)
 
 
 def address_problem(address: str | None, timeout_s: float = 5.0) -> str | None:
@@ -67,9 +76,10 @@ def address_problem(address: str | None, timeout_s: float = 5.0) -> str | None:
     if address == "auto":
         target = os.environ.get("RAY_ADDRESS", "")
         via = " (auto: RAY_ADDRESS)"
-        if not target and os.path.isfile(RAY_CURRENT_CLUSTER):
-            with open(RAY_CURRENT_CLUSTER) as f:
-                target, via = f.read().strip(), f" (auto: the cluster last started on this machine, {RAY_CURRENT_CLUSTER})"
+        current = ray_current_cluster_file()
+        if not target and os.path.isfile(current):
+            with open(current) as f:
+                target, via = f.read().strip(), f" (auto: the cluster last started on this machine, {current})"
         if target in ("", "auto", "local"):
             return None
     hostport = target.split("://", 1)[-1].rstrip("/")  # ray://HOST:PORT (Ray Client) too

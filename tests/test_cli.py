@@ -153,6 +153,29 @@ def test_address_problem_says_in_seconds_that_no_cluster_answers(monkeypatch, tm
     assert "auto: RAY_ADDRESS" in address_problem("auto")
 
 
+def test_address_auto_reads_the_cluster_file_where_ray_start_writes_it(monkeypatch, tmp_path):
+    """Ray keeps ray_current_cluster in $RAY_TMPDIR or $TMPDIR when set (a private temp dir), not /tmp/ray."""
+    import socket
+
+    from apt_dist import ray_executor
+    from apt_dist.ray_executor import address_problem, ray_current_cluster_file
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert ray_executor.RAY_CURRENT_CLUSTER is None
+    assert ray_current_cluster_file() == str(tmp_path / "ray" / "ray_current_cluster")
+    (tmp_path / "ray").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when checked: nothing answers
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+    assert f"127.0.0.1:{port} (auto: the cluster last started on this machine, {tmp_path}" in address_problem("auto")
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "other"))  # Ray's own variable comes first
+    assert ray_current_cluster_file() == str(tmp_path / "other" / "ray" / "ray_current_cluster")
+    assert address_problem("auto") is None
+
+
 def test_ray_executor_with_an_address_that_does_not_answer_fails_before_ray_init():
     import time
 

@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 AWS = ROOT / "cluster" / "aws-gpu.yaml"
 ONPREM = ROOT / "cluster" / "onprem.yaml"
 POSTER = ROOT / "examples" / "poster.py"
+LOCAL = ROOT / "cluster" / "local-ssh.yaml"
 CONFIGS = pytest.mark.parametrize("path", [AWS, ONPREM], ids=["aws-gpu", "onprem"])
+ALL_CONFIGS = pytest.mark.parametrize("path", [AWS, ONPREM, LOCAL], ids=["aws-gpu", "onprem", "local-ssh"])
 
 
 def load(path: Path) -> dict:
@@ -44,14 +46,14 @@ def commands(cfg: dict, *keys: str) -> str:
 # ---- Ray's own validation ---------------------------------------------------------------------
 
 
-@CONFIGS
+@ALL_CONFIGS
 def test_matches_rays_cluster_schema(path):
     schema = ray_schema()
     jsonschema.Draft7Validator.check_schema(schema)
     jsonschema.validate(load(path), schema, cls=jsonschema.Draft7Validator)
 
 
-@CONFIGS
+@ALL_CONFIGS
 def test_passes_rays_prepare_and_validate(path):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -102,6 +104,20 @@ def test_onprem_head_takes_no_gpu_workers():
     assert "--num-gpus" not in commands(cfg, "worker_start_ray_commands")  # workers: Ray detects their GPUs
 
 
+def test_local_ssh_installs_nothing_and_runs_everything_on_this_machine():
+    cfg = load(LOCAL)
+    assert cfg["provider"]["head_ip"] == "127.0.0.1" and cfg["provider"]["worker_ips"] == []
+    setup = commands(cfg, "setup_commands", "head_setup_commands", "initialization_commands")
+    assert not re.search(r"\b(pip|uv|curl|wget|apt-get)\b", setup)  # no download at `ray up` time
+    # The head activates the checkout's venv (the README's set-up) through the activate script's copy.
+    assert cfg["file_mounts"]["~/.apt-dist-activate"] == ".venv/bin/activate"
+    assert "source ~/.apt-dist-activate" in setup and ".bashrc" in setup
+    head = commands(cfg, "head_start_ray_commands")
+    assert "--dashboard-host=127.0.0.1" in head  # `ray job submit` from this machine only
+    assert "RAY_AUTH_MODE=token" in head and "~/.ray/auth_token" in cfg["file_mounts"]
+    assert not cfg.get("worker_start_ray_commands")
+
+
 @CONFIGS
 def test_setup_installs_torch_ray_and_the_uploaded_project(path):
     cfg = load(path)
@@ -138,9 +154,10 @@ def test_readme_job_command_parses_with_the_cli():
     from apt_dist.cli import build_parser
 
     text = (ROOT / "cluster" / "README.md").read_text()
-    block = re.search(r"python -m apt_dist render (.*?)\nray rsync-down", text, re.S).group(1).replace("\\\n", " ")
-    ns = build_parser().parse_args(["render", *shlex.split(block)])
-    assert (ns.workers, ns.view_batch_size, ns.driver_threads) == (16, 4, 4)
+    blocks = [b.replace("\\\n", " ") for b in re.findall(r"python -m apt_dist render (.*?)\nray rsync-down", text, re.S)]
+    parsed = [build_parser().parse_args(["render", *shlex.split(b)]) for b in blocks]
+    assert len(parsed) == 2  # local-ssh.yaml's and aws-gpu.yaml's
+    assert [(ns.workers, ns.view_batch_size, ns.driver_threads) for ns in parsed if ns.workers == 16] == [(16, 4, 4)]
 
 
 # ---- examples/poster.py -----------------------------------------------------------------------
