@@ -1,0 +1,96 @@
+"""Loading users' models: single files offline, LoRA, a separate VAE, an existing pipeline, one-line failures."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from apt_dist.loading import clip_bpe, sdxl_config_folder, write_sdxl_config_folder
+from apt_dist.models import (
+    Denoiser,
+    ModelSpec,
+    _tiny_unet_config,
+    _tiny_vae_config,
+    build_tiny_pipeline,
+    encode_prompt,
+    model_info,
+)
+
+from ldm_layout import pipeline_to_ldm
+
+TINY = ModelSpec("tiny", "float32", "cpu")
+
+
+def tiny_config_folder(path):
+    """A config folder for the tiny model (as the built-in one is for SDXL), with the tiny tokenizers."""
+    src = build_tiny_pipeline()
+    root = write_sdxl_config_folder(path, unet=_tiny_unet_config(), vae=_tiny_vae_config(),
+                                    text_encoder=src.text_encoder.config.to_dict(),
+                                    text_encoder_2=src.text_encoder_2.config.to_dict())
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.rmtree(root / name)  # CLIP's vocabulary does not fit the tiny text encoders
+        getattr(src, name).save_pretrained(root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_single_file(tmp_path_factory):
+    """The tiny pipeline written as ONE original-layout SDXL checkpoint, and its config folder."""
+    d = tmp_path_factory.mktemp("single")
+    path = d / "tiny-sdxl.safetensors"
+    save_file(pipeline_to_ldm(build_tiny_pipeline()), str(path))
+    return str(path), str(tiny_config_folder(d / "config"))
+
+
+def _latents(seed=0):
+    return torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_clip_vocabulary_is_built_like_clips_own():
+    vocab, merges = clip_bpe()
+    assert len(vocab) == 49408 and len(merges) == 48894
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+
+
+def test_builtin_sdxl_config_folder_tokenizes_like_clip_and_holds_sdxl_configs():
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    from apt_dist.models import sdxl_unet_config
+
+    folder = sdxl_config_folder()
+    tok, tok2 = (CLIPTokenizer.from_pretrained(folder, subfolder=s) for s in ("tokenizer", "tokenizer_2"))
+    # CLIP's well-known ids for this prompt; the second tokenizer pads with '!' (0) like SDXL's.
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok2("a cat", padding="max_length", max_length=6).input_ids == [49406, 320, 2368, 49407, 0, 0]
+    assert tok("a cat", padding="max_length", max_length=6).input_ids[-1] == 49407
+    cfg = UNet2DConditionModel.load_config(folder, subfolder="unet")
+    assert {k: cfg[k] for k in sdxl_unet_config()} == sdxl_unet_config()
+    te2 = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2")
+    assert (te2.hidden_size, te2.num_hidden_layers, te2.projection_dim) == (1280, 32, 1280)
+
+
+def test_single_file_round_trip_offline_gives_the_tiny_models_weights_and_outputs(tiny_single_file, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    path, config = tiny_single_file
+    spec = ModelSpec(path, "float32", "cpu", config=config)
+    assert model_info(spec) == model_info(TINY)
+
+    got, want = encode_prompt(spec, "a lighthouse at dusk", "fog"), encode_prompt(TINY, "a lighthouse at dusk", "fog")
+    assert torch.equal(got.prompt_embeds, want.prompt_embeds) and torch.equal(got.pooled, want.pooled)
+
+    den, ref = Denoiser(spec), Denoiser(TINY)
+    for a, b in ((den.unet, ref.unet), (den.vae, ref.vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    args = (_latents(1), 300, [(0, 0)], [1], want, (128, 128))
+    # Same weights; the loaded UNet's float32 reductions may run in another order (its parameters' memory layout):
+    # equal to float32 rounding.
+    torch.testing.assert_close(den.predict(*args), ref.predict(*args), rtol=0, atol=1e-5)
+    torch.testing.assert_close(den.decode(_latents(2)), ref.decode(_latents(2)), rtol=0, atol=1e-5)
+    assert den.unet.config.cross_attention_dim == ref.unet.config.cross_attention_dim
