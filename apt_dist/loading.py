@@ -109,6 +109,65 @@ def lora_identity(loras) -> list[dict]:
     return out
 
 
+def model_source(config, **overrides):
+    """The picklable ModelSource (models.ModelSpec) a RenderConfig describes: what every worker builds."""
+    from .models import ModelSpec
+
+    kw = dict(name=config.model, dtype=config.dtype, device=config.device, loras=tuple(config.lora_list()),
+              vae=config.vae, vae_dtype=config.vae_dtype, config=config.model_config)
+    return ModelSpec(**(kw | overrides))
+
+
+def prepare(config):
+    """(ModelSource, ModelInfo, encode, None) for a render of `config`: the model checked before any weights load."""
+    from .models import encode_prompt, model_info
+
+    spec = model_source(config)
+    check_source(spec)
+    try:
+        info = model_info(spec)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"cannot read the configs of model {spec.name!r}: {_reason(e)}") from e
+
+    def encode(prompt: str, negative_prompt: str, seed: int):
+        return encode_prompt(spec, prompt, negative_prompt, seed=seed)
+
+    return spec, info, encode, None
+
+
+def from_pipeline(pipe, config, executor=None):
+    """(ModelSource, ModelInfo, encode, Denoiser) from a loaded StableDiffusionXLPipeline, used in this process.
+
+    Its text encoders, UNet and VAE are used as they are (LoRAs already fused in them stay), its scheduler config
+    and VAE config give the model's facts.  The UNet is moved to `config.device`/`config.dtype` where those are
+    not "auto" (else it stays where it is), the VAE to `config.vae_dtype`.  A live pipeline cannot travel to Ray
+    workers: they build their model from a ModelSource (`config.model` a folder or file), so `executor` must be
+    an in-process one.
+    """
+    from .executor import InProcessExecutor
+    from .models import Denoiser, _info_from_configs, encode_with
+
+    if executor is not None and not isinstance(executor, InProcessExecutor):
+        raise ValueError("pipe= is used in this process only; for Ray workers, save the pipeline "
+                         "(pipe.save_pretrained(folder)) and render with model=folder")
+    if config.loras or config.vae:
+        raise ValueError("with pipe=, fuse LoRAs and set the VAE on the pipeline itself (loras/vae apply to model=)")
+    unet, vae = pipe.unet, pipe.vae
+    names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    spec = model_source(config, name="<pipeline>",
+                        device=str(unet.device) if config.device == "auto" else config.device,
+                        dtype=names.get(unet.dtype, "float32") if config.dtype == "auto" else config.dtype)
+    info = _info_from_configs(dict(unet.config), dict(vae.config), dict(pipe.scheduler.config),
+                              bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
+
+    def encode(prompt: str, negative_prompt: str, seed: int):
+        return encode_with(pipe, prompt, negative_prompt)
+
+    return spec, info, encode, Denoiser(spec, unet=unet, vae=vae)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # CLIP's BPE vocabulary and the built-in SDXL config folder
 # ---------------------------------------------------------------------------------------------------------------------
@@ -451,6 +510,26 @@ def _meta_unet(unet_cfg: dict):
         return UNet2DConditionModel.from_config(unet_cfg)
 
 
+def _meta_text_encoders(spec) -> dict:
+    """The spec's text encoders on the meta device (no memory), for checking LoRA layers against them."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .models import _TINY_TEXT_HIDDEN, _is_single_file, _resolve, _tiny_text_config
+
+    out = {}
+    for comp, cls, i in (("text_encoder", CLIPTextModel, 0), ("text_encoder_2", CLIPTextModelWithProjection, 1)):
+        if spec.name == "tiny":
+            cfg = _tiny_text_config(_TINY_TEXT_HIDDEN[i], "quick_gelu" if i == 0 else "gelu")
+        else:
+            path = single_file_config(spec) if _is_single_file(spec.name) else _resolve(spec.name)
+            if not os.path.isfile(os.path.join(path, comp, "config.json")):
+                continue
+            cfg = CLIPTextConfig.from_pretrained(path, subfolder=comp)
+        with torch.device("meta"):
+            out[comp] = cls(cfg)
+    return out
+
+
 def check_source(spec, text_encoders: dict | None = None) -> None:
     """Everything about `spec` that can be wrong with the user's files, found from configs and file headers before
     any weights load: the folder's layout, truncated weights, a hub id not in the cache, a LoRA that does not fit
@@ -484,6 +563,8 @@ def check_source(spec, text_encoders: dict | None = None) -> None:
         cfg, _, _ = vae_config(spec)
         check_vae_fits(cfg, unet_cfg, f"--vae {spec.vae!r}")
     if spec.loras:
+        if text_encoders is None and spec.name != "sdxl-random":
+            text_encoders = _meta_text_encoders(spec)
         modules = {"unet": _meta_unet(unet_cfg), **(text_encoders or {})}
         for lora in map(parse_lora, spec.loras):
             state_dict, _ = _lora_state_dict(lora, unet_cfg)
@@ -539,18 +620,43 @@ def fuse_loras(loras, unet=None, text_encoder=None, text_encoder_2=None, unet_co
         try:
             if unet is not None and any(k.startswith("unet.") for k in state_dict):
                 holder.load_lora_into_unet(state_dict, network_alphas=alphas, unet=unet, adapter_name=name, _pipeline=holder)
+            if unet is not None and _has_lora_layers(unet):
+                holder.fuse_lora(components=["unet"], lora_scale=lora.scale, adapter_names=[name])
+                unet.unload_lora()
             for comp in ("text_encoder", "text_encoder_2"):
-                if comp in present and any(k.startswith(comp + ".") for k in state_dict):
-                    holder.load_lora_into_text_encoder(state_dict, network_alphas=alphas, text_encoder=present[comp],
-                                                       prefix=comp, adapter_name=name, _pipeline=holder)
-            touched = [c for c in present if _has_lora_layers(present[c])]
-            if touched:
-                holder.fuse_lora(components=touched, lora_scale=lora.scale, adapter_names=[name])
-                holder.unload_lora_weights()
+                if comp in present:
+                    _fuse_text_encoder_lora(present[comp], state_dict, alphas, comp, lora.scale, name)
         except ModelLoadError:
             raise
         except Exception as e:
             raise ModelLoadError(f"--lora {lora.path!r} could not be applied ({_reason(e)})") from e
+
+
+def _fuse_text_encoder_lora(model, state_dict: dict, alphas: dict | None, prefix: str, scale: float, name: str) -> None:
+    """diffusers' text-encoder LoRA loading, through peft directly: transformers 5's own adapter integration asks for
+    a peft release newer than PyPI has.  The same steps: the keys under `prefix`, in peft's naming, a LoraConfig from
+    their ranks and alphas, inject, load, fuse at `scale`, remove the LoRA layers."""
+    from diffusers.loaders.lora_base import fuse_text_encoder_lora
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    from diffusers.utils.peft_utils import get_peft_kwargs, recurse_remove_peft_layers
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    sd = {k.removeprefix(prefix + "."): v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+    if not sd:
+        return
+    sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
+    if not hasattr(model, "text_model"):  # CLIPTextModel is flattened in transformers 5; LoRA files are older
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    rank = {k: v.shape[1] for k, v in sd.items() if k.endswith("lora_B.weight")}
+    if alphas is not None:
+        alphas = {k.removeprefix(prefix + "."): v for k, v in alphas.items() if k.split(".")[0] == prefix} or None
+    inject_adapter_in_model(LoraConfig(**get_peft_kwargs(rank, alphas, sd, is_unet=False)), model, adapter_name=name)
+    result = set_peft_model_state_dict(model, sd, adapter_name=name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ModelLoadError(f"LoRA layers that fit no {prefix} layer: {', '.join(unexpected[:3])}")
+    fuse_text_encoder_lora(model, lora_scale=scale, adapter_names=[name])
+    recurse_remove_peft_layers(model)
 
 
 def _has_lora_layers(module: torch.nn.Module) -> bool:

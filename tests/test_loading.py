@@ -94,3 +94,87 @@ def test_single_file_round_trip_offline_gives_the_tiny_models_weights_and_output
     torch.testing.assert_close(den.predict(*args), ref.predict(*args), rtol=0, atol=1e-5)
     torch.testing.assert_close(den.decode(_latents(2)), ref.decode(_latents(2)), rtol=0, atol=1e-5)
     assert den.unet.config.cross_attention_dim == ref.unet.config.cross_attention_dim
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def make_tiny_lora(folder, seed=0, rank=4, unet_targets=("to_q", "to_k", "to_v", "to_out.0")):
+    """A LoRA for the tiny model made in code: peft adapters on the UNet's attention projections and on the first
+    text encoder's, with random non-zero lora_B (peft starts it at zero), saved the diffusers way."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from peft import inject_adapter_in_model
+
+    src = build_tiny_pipeline()
+    unet, te = copy.deepcopy(src.unet), copy.deepcopy(src.text_encoder)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(unet_targets), init_lora_weights=False))
+    # peft directly: transformers 5's add_adapter asks for a peft release newer than PyPI has
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+                                       init_lora_weights=False), te)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(unet.named_parameters()) + list(te.named_parameters()):
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    StableDiffusionXLPipeline.save_lora_weights(str(folder), unet_lora_layers=get_peft_model_state_dict(unet),
+                                                text_encoder_lora_layers=get_peft_model_state_dict(te))
+    return str(folder / "pytorch_lora_weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tmp_path_factory):
+    return make_tiny_lora(tmp_path_factory.mktemp("lora"))
+
+
+def one_phase(**kw):
+    from apt_dist.config import RenderConfig
+
+    return RenderConfig(**({"prompt": "a red lighthouse", "width": 128, "height": 128, "steps": 3, "seed": 5} | kw))
+
+
+def _render(cfg, **kw):
+    from apt_dist.sampler import render
+
+    return render(cfg, progress=False, **kw)
+
+
+def test_lora_changes_the_image_and_scale_zero_gives_the_image_without_it(tiny_lora):
+    base = _render(one_phase())
+    with_lora = _render(one_phase(loras=[tiny_lora]))
+    zero = _render(one_phase(loras=[f"{tiny_lora}:0"]))
+    assert (with_lora.latent - base.latent).abs().max() > 1e-2
+    # Fusing at scale 0 adds 0 * (B @ A) to each weight: the weights, so the image, are bit for bit the same.
+    assert torch.equal(zero.latent, base.latent)
+
+
+def test_lora_is_fused_into_the_unet_and_text_encoders_and_then_removed(tiny_lora):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    den, ref = Denoiser(ModelSpec("tiny", "float32", "cpu", loras=(tiny_lora,))), Denoiser(TINY)
+    assert not any(isinstance(m, BaseTunerLayer) for m in den.unet.modules())
+    q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert not torch.equal(den.unet.state_dict()[q], ref.unet.state_dict()[q])
+    assert torch.equal(den.unet.conv_in.weight, ref.unet.conv_in.weight)  # layers without LoRA stay as they were
+    with_lora = encode_prompt(ModelSpec("tiny", "float32", "cpu", loras=(tiny_lora,)), "a red lighthouse")
+    without = encode_prompt(TINY, "a red lighthouse")
+    assert not torch.equal(with_lora.prompt_embeds, without.prompt_embeds)
+    assert torch.equal(with_lora.pooled, without.pooled)  # the LoRA has no layers in text_encoder_2
+
+
+def test_lora_is_part_of_the_renders_identity(tiny_lora, tmp_path):
+    import hashlib
+    import os
+
+    from apt_dist import checkpoint
+
+    cfg = one_phase(loras=[f"{tiny_lora}:0.5"])
+    (entry,) = cfg.to_dict()["lora_files"]
+    data = open(tiny_lora, "rb").read()
+    assert entry == {"file": os.path.basename(tiny_lora), "size": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest(), "scale": 0.5}
+    assert checkpoint.image_fields(cfg)["lora_files"] == [entry]
+    assert checkpoint.image_fields(one_phase(loras=[f"{tiny_lora}:0.6"]))["lora_files"][0]["scale"] == 0.6
