@@ -178,3 +178,127 @@ def test_lora_is_part_of_the_renders_identity(tiny_lora, tmp_path):
                      "sha256": hashlib.sha256(data).hexdigest(), "scale": 0.5}
     assert checkpoint.image_fields(cfg)["lora_files"] == [entry]
     assert checkpoint.image_fields(one_phase(loras=[f"{tiny_lora}:0.6"]))["lora_files"][0]["scale"] == 0.6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A separate VAE, an existing pipeline
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_separate_vae_folder_and_single_file_replace_the_models_vae(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from ldm_layout import vae_to_ldm
+
+    vae = AutoencoderKL(**_tiny_vae_config())  # other random weights than the tiny model's VAE
+    vae.save_pretrained(tmp_path / "vae")
+    save_file({k.removeprefix("first_stage_model."): v for k, v in vae_to_ldm(vae.state_dict(), 4).items()},
+              str(tmp_path / "vae.safetensors"))
+    z = _latents(3)
+    want = Denoiser(TINY, unet=build_tiny_pipeline().unet, vae=vae).decode(z)
+    for source in (tmp_path / "vae", tmp_path / "vae.safetensors"):
+        den = Denoiser(ModelSpec("tiny", "float32", "cpu", vae=str(source)))
+        torch.testing.assert_close(den.decode(z), want, rtol=0, atol=1e-6)
+        assert not torch.equal(den.decode(z), Denoiser(TINY).decode(z))
+    half = Denoiser(ModelSpec("tiny", "float32", "cpu", vae=str(tmp_path / "vae"), vae_dtype="bfloat16"))
+    assert half.vae.dtype == torch.bfloat16 and half.decode(z).dtype == torch.float32
+
+
+def test_pipe_renders_like_the_same_saved_folder_by_name(tmp_path):
+    src = build_tiny_pipeline()
+    src.save_pretrained(tmp_path / "tiny")
+    by_name = _render(one_phase(model=str(tmp_path / "tiny")))
+    by_pipe = _render(one_phase(model="ignored-with-pipe"), pipe=src)
+    assert torch.equal(by_pipe.latent, by_name.latent)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Failures: one line, exit code 2 (bad input) or 1 (runtime), before any sampling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _cli(capsys, *args):
+    from apt_dist.cli import main
+
+    rc = main(["render", "--width", "128", "--height", "128", "--steps", "2", "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def _one_line(err):
+    """apt-dist's own error: one line, no traceback (library warnings, e.g. transformers' about torchvision, aside)."""
+    ours = [line for line in err.splitlines() if line.startswith("apt-dist")]
+    assert len(ours) == 1 and "Traceback" not in err, err
+    return ours[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("folder") / "tiny"
+    build_tiny_pipeline().save_pretrained(path)
+    return path
+
+
+def test_folder_that_is_not_an_sdxl_pipeline_names_the_missing_file(tmp_path, tiny_folder, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_folder, bad)
+    (bad / "vae" / "config.json").unlink()
+    rc, err = _cli(capsys, "--model", str(bad), "--out", str(tmp_path / "o.png"))
+    assert rc == 2 and "is not a diffusers SDXL pipeline: vae/config.json is missing" in _one_line(err)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_truncated_weights_are_refused_before_loading(tmp_path, tiny_folder, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_folder, bad)
+    weights = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    rc, err = _cli(capsys, "--model", str(bad), "--out", str(tmp_path / "o.png"))
+    assert rc == 2 and "unet weights" in _one_line(err) and "truncated" in err
+
+
+def test_truncated_single_file_is_refused(tmp_path, tiny_single_file, capsys):
+    path, config = tiny_single_file
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(open(path, "rb").read()[:5000])
+    rc, err = _cli(capsys, "--model", str(bad), "--model-config", config, "--out", str(tmp_path / "o.png"))
+    assert rc == 2 and "model file" in _one_line(err) and "not a readable .safetensors file" in err
+
+
+def test_hub_id_not_in_the_cache_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    rc, err = _cli(capsys, "--model", "someone/not-a-cached-model", "--out", str(tmp_path / "o.png"))
+    assert rc == 2 and "is neither a local folder or file nor in the Hugging Face cache" in _one_line(err)
+
+
+def test_lora_that_does_not_fit_names_the_layers(tmp_path, capsys):
+    layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    bad = {f"unet.{layer}.lora_A.weight": torch.randn(4, 999), f"unet.{layer}.lora_B.weight": torch.randn(64, 4),
+           "unet.no_such_block.proj.lora_A.weight": torch.randn(4, 8), "unet.no_such_block.proj.lora_B.weight": torch.randn(8, 4)}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    rc, err = _cli(capsys, "--lora", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "o.png"))
+    assert rc == 2 and "does not fit this model" in _one_line(err)
+    assert f"unet.{layer} (input 999, the model's 64)" in err and "unet.no_such_block.proj (no such layer)" in err
+
+
+def test_vae_of_another_latent_size_is_refused(tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(**(_tiny_vae_config() | {"latent_channels": 16})).save_pretrained(tmp_path / "vae16")
+    rc, err = _cli(capsys, "--vae", str(tmp_path / "vae16"), "--out", str(tmp_path / "o.png"))
+    assert rc == 2 and "has 16 latent channels" in _one_line(err) and "needs 4" in err
+
+
+def test_weights_found_corrupt_while_loading_give_one_line_and_debug_gives_the_traceback(tmp_path, tiny_folder, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_folder, bad)
+    weights = bad / "text_encoder" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    data[8 : 8 + n] = data[8 : 8 + n].replace(b'"F32"', b'"F64"', 1)  # a header that lies about a tensor
+    weights.write_bytes(bytes(data))
+    rc, err = _cli(capsys, "--model", str(bad), "--out", str(tmp_path / "o.png"))
+    assert rc == 2 and "cannot load the text encoders" in _one_line(err) and "SafetensorError" in err
+    with pytest.raises(Exception):
+        _cli(capsys, "--model", str(bad), "--out", str(tmp_path / "o.png"), "--debug")
