@@ -16,7 +16,7 @@ import typing
 
 from .config import ConfigError, RenderConfig, parse_eta
 
-OPTION_NAMES = {"guidance_scale": "--guidance"}
+OPTION_NAMES = {"guidance_scale": "--guidance", "loras": "--lora"}
 HELP = {
     "prompt": "what to render",
     "negative_prompt": "what to avoid (empty: SDXL's zero embedding)",
@@ -26,6 +26,10 @@ HELP = {
     "model": "tiny (built in, random weights) | sdxl-random | hub id | diffusers folder | .safetensors file",
     "dtype": "UNet dtype: auto (float16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16",
     "device": "auto | cpu | cuda | cuda:N (in-process executor)",
+    "loras": "a LoRA to fuse into the model, FILE[:SCALE] (scale 1.0 by default); repeat for several",
+    "vae": "a separate VAE: a diffusers AutoencoderKL folder or a single .safetensors file (e.g. an fp16-fixed SDXL VAE)",
+    "vae_dtype": "VAE dtype: float32 (default, safe) | float16 (only for fp16-safe VAEs, such as fp16-fixed ones) | bfloat16",
+    "model_config": "single-file models: a diffusers config folder to read them with (default: built-in SDXL base configs)",
     "method": "apt (default) | demofusion: presets for the three APT parts below",
     "scheduler": "euler | ddim (leading spacing)",
     "steps": "denoising steps N of the schedule",
@@ -64,6 +68,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": HELP.get(f.name)}
         if f.name == "eta":
             p.add_argument(opt, type=parse_eta, **kw)
+        elif f.name == "loras":
+            p.add_argument(opt, action="append", metavar="FILE[:SCALE]", **kw)
         elif hint in (bool, bool | None):
             p.add_argument(opt, action=argparse.BooleanOptionalAction, **kw)
         else:
@@ -84,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(r)
     r.add_argument("--out", default="apt-dist.png", help="output PNG path (written atomically)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--debug", action="store_true", help="show the traceback of a failure instead of one line")
     r.add_argument("--driver-threads", type=int, default=None,
                    help="torch threads of this process: the driver's tensor work, and without --workers the UNet's too "
                         "(default: torch's own, one per core). With GPU workers on a many-core head node, 4 made the "
@@ -104,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print the plan of a render (phases, patches, UNet evaluations); loads no model")
     _add_config_options(pl)
     pl.add_argument("--json", action="store_true", help="print JSON")
+    pl.add_argument("--debug", action="store_true", help="show the traceback of a failure instead of one line")
     pl.add_argument("--workers", type=int, default=None, help="also estimate wall time on this many workers")
     pl.add_argument("--seconds-per-patch", type=float, default=0.035, help="UNet time per patch with guidance (H100 SDXL: ~0.035)")
 
@@ -138,6 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"apt-dist {ns.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if getattr(ns, "debug", False) or ns.command == "bench":
+            raise
+        from .loading import ModelLoadError
+
+        if isinstance(e, ModelLoadError):
+            print(f"apt-dist {ns.command}: error: {e}", file=sys.stderr)
+            return e.exit_code
+        text = " ".join(str(e).split())
+        print(f"apt-dist {ns.command}: error: {type(e).__name__}: {text} (--debug shows where)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -168,11 +187,11 @@ def _render(config: RenderConfig, ns) -> int:
 
     executor = _executor_from_args(ns)
 
-    from .models import ModelSpec, model_info
+    from .loading import prepare
     from .plan import build_plan
     from .sampler import RenderError, render
 
-    info = model_info(ModelSpec(config.model, config.dtype, config.device))
+    _, info, _, _ = prepare(config)  # the model's files and configs checked before any weights load
     build_plan(config, info.native_window, info.vae_scale)  # model-dependent checks, still before any weights
     try:
         result = render(config, executor=executor, progress=not ns.no_progress, checkpoint=ns.checkpoint)
@@ -248,8 +267,13 @@ def _print_workers(summary: dict) -> None:
 def _plan(config: RenderConfig, ns) -> int:
     from .plan import plan
 
+    from .loading import check_source, model_source
+
+    check_source(model_source(config))
     p = plan(config)
     d = p.to_dict()
+    if config.loras:
+        d["loras"] = config.to_dict().get("lora_files", [])
     if ns.workers:
         if ns.workers < 1:
             raise ConfigError("--workers", f"must be an integer >= 1, got {ns.workers}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 from .matching import SM_STATS
@@ -42,6 +43,10 @@ class RenderConfig:
     model: str = "tiny"  # "tiny" | "sdxl-random" | hub id | diffusers folder | .safetensors file
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
     device: str = "auto"
+    loras: list = field(default_factory=list)  # "FILE[:SCALE]" or (FILE, SCALE), fused in order (CLI: --lora)
+    vae: str | None = None  # a separate VAE: diffusers AutoencoderKL folder or single .safetensors file
+    vae_dtype: str = "float32"  # float16 only for fp16-safe VAEs (SDXL's own overflows in float16)
+    model_config: str | None = None  # single-file models: a diffusers config folder (default: built-in SDXL base)
     # Sampling.
     method: str = "apt"  # "apt" | "demofusion"
     scheduler: str = "euler"  # "euler" | "ddim"
@@ -146,7 +151,28 @@ class RenderConfig:
             check_model_name(self.model)
         except ValueError as e:
             raise ConfigError("--model", str(e)) from None
+        from .models import VAE_DTYPES
+
+        _choice("--vae-dtype", self.vae_dtype, VAE_DTYPES)
+        for lora in self.lora_list():
+            if not os.path.isfile(lora.path):
+                raise ConfigError("--lora", f"{lora.path!r} does not exist (expected FILE[:SCALE], a LoRA .safetensors)")
+        if self.vae is not None and not os.path.exists(os.path.expanduser(self.vae)):
+            raise ConfigError("--vae", f"{self.vae!r} does not exist (a diffusers VAE folder or a .safetensors file)")
+        if self.model_config is not None and not os.path.isdir(os.path.expanduser(self.model_config)):
+            raise ConfigError("--model-config", f"{self.model_config!r} is not a folder")
         return self
+
+    def lora_list(self) -> list:
+        """`loras` as loading.Lora(path, scale) items."""
+        from .loading import parse_lora
+
+        if not isinstance(self.loras, (list, tuple)):
+            raise ConfigError("--lora", f"must be a list of FILE[:SCALE], got {self.loras!r}")
+        try:
+            return [parse_lora(x) for x in self.loras]
+        except ValueError as e:
+            raise ConfigError("--lora", str(e)) from None
 
     def validate_for_model(self, native: int) -> None:
         """Checks that need the model's native window (in latents)."""
@@ -157,6 +183,12 @@ class RenderConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["eta"] = {str(k): v for k, v in self.eta.items()}
+        loras = self.lora_list()
+        d["loras"] = [[x.path, x.scale] for x in loras]
+        if loras and all(os.path.isfile(x.path) for x in loras):
+            from .loading import lora_identity
+
+            d["lora_files"] = lora_identity(loras)  # name, size, SHA-256 and scale: part of the render's identity
         d["resolved"] = {
             "statistical_matching": self.sm_on,
             "scale_aware_scheduling": self.sas_on,

@@ -38,6 +38,7 @@ __all__ = [
     "DTYPES",
     "Denoiser",
     "ModelInfo",
+    "ModelSource",
     "ModelSpec",
     "PromptEmbeddings",
     "build_tiny_pipeline",
@@ -50,6 +51,7 @@ __all__ = [
 
 BUILTIN_MODELS = ("tiny", "sdxl-random")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+VAE_DTYPES = ("float32", "float16", "bfloat16")
 
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin")
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -80,12 +82,21 @@ class ModelSpec:
     name: str = "tiny"
     dtype: str = "auto"
     device: str = "auto"
+    loras: tuple = ()  # loading.Lora(path, scale) items (or 'FILE[:SCALE]' strings), fused in this order
+    vae: str | None = None  # a separate VAE: a diffusers AutoencoderKL folder or a single .safetensors file
+    vae_dtype: str = "float32"  # float32 | float16 | bfloat16 (float16 only for fp16-safe VAEs)
+    config: str | None = None  # single files: a diffusers config folder (default: the built-in SDXL base one)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"model name must be a non-empty string, got {self.name!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        if self.vae_dtype not in VAE_DTYPES:
+            raise ValueError(f"unknown VAE dtype {self.vae_dtype!r}; expected one of {', '.join(VAE_DTYPES)}")
+        from .loading import parse_lora
+
+        object.__setattr__(self, "loras", tuple(parse_lora(x) for x in self.loras))
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -101,6 +112,13 @@ class ModelSpec:
         if self.dtype == "auto":
             return torch.float16 if self.torch_device().type == "cuda" else torch.float32
         return _TORCH_DTYPES[self.dtype]
+
+    def torch_vae_dtype(self) -> torch.dtype:
+        return _TORCH_DTYPES[self.vae_dtype]
+
+
+# The name users of the Python API know it by: what every Ray worker builds its model from.
+ModelSource = ModelSpec
 
 
 def _looks_like_local_path(name: str) -> bool:
@@ -454,13 +472,13 @@ def model_info(spec: ModelSpec) -> ModelInfo:
     name = spec.name
     if name == "tiny":
         return _info_from_configs(_tiny_unet_config(), _tiny_vae_config(), _sdxl_scheduler_config(), True)
-    if name == "sdxl-random" or _is_single_file(name):
+    if name == "sdxl-random" or (_is_single_file(name) and not spec.config):
         return _info_from_configs(sdxl_unet_config(), sdxl_vae_config(), _sdxl_scheduler_config(), True)
     check_model_name(name)
 
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
-    path = _resolve(name)
+    path = spec.config if _is_single_file(name) else _resolve(name)
     unet_cfg = UNet2DConditionModel.load_config(path, subfolder="unet")
     vae_cfg = AutoencoderKL.load_config(path, subfolder="vae")
     sched_cfg = EulerDiscreteScheduler.load_config(path, subfolder="scheduler")
@@ -484,31 +502,31 @@ _DENOISER_COMPONENTS = ("unet", "vae")
 _ALL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
-def _single_file_pipeline(path: str, torch_dtype: torch.dtype, keep: tuple[str, ...]) -> StableDiffusionXLPipeline:
-    """StableDiffusionXLPipeline.from_single_file, skipping the components not in `keep` (passed as None)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    skip = {c: None for c in _ALL_COMPONENTS if c not in keep and c != "scheduler"}
-    return StableDiffusionXLPipeline.from_single_file(path, torch_dtype=torch_dtype, **skip)
-
-
-def _text_pipeline(name: str) -> StableDiffusionXLPipeline:
-    """A StableDiffusionXLPipeline holding only the text encoders and tokenizers of `name` (CPU, float32)."""
-    if name == "tiny":
+def _text_pipeline(spec: ModelSpec) -> StableDiffusionXLPipeline:
+    """A StableDiffusionXLPipeline holding only the text encoders and tokenizers of `spec` (CPU, float32), with the
+    spec's LoRAs fused."""
+    if spec.name == "tiny" and not spec.loras:
         # Wraps the cached tiny modules (cheap; follows build_tiny_pipeline's cache).  They are only run forward,
         # under no_grad, so they are never mutated.
         src = build_tiny_pipeline()
         components = {c: getattr(src, c) for c in _TEXT_COMPONENTS}
         return _make_text_pipeline(components, bool(src.config.force_zeros_for_empty_prompt))
-    return _loaded_text_pipeline(name)
+    return _loaded_text_pipeline(spec.name, spec.config, spec.loras)
 
 
 @functools.lru_cache(maxsize=2)
-def _loaded_text_pipeline(name: str) -> StableDiffusionXLPipeline:
+def _loaded_text_pipeline(name: str, config: str | None, loras: tuple) -> StableDiffusionXLPipeline:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    if _is_single_file(name):
-        src = _single_file_pipeline(os.path.expanduser(name), torch.float32, keep=_TEXT_COMPONENTS)
+    from . import loading
+
+    if name == "tiny":  # with LoRAs: fused into copies, never into the cached modules
+        src = build_tiny_pipeline()
+        components = {c: copy.deepcopy(getattr(src, c)) for c in _TEXT_COMPONENTS}
+        force_zeros = bool(src.config.force_zeros_for_empty_prompt)
+    elif _is_single_file(name):
+        folder = config or loading.sdxl_config_folder()
+        src = loading.single_file_pipeline(os.path.expanduser(name), folder, torch.float32, keep=_TEXT_COMPONENTS)
         components = {c: getattr(src, c, None) for c in _TEXT_COMPONENTS}
         force_zeros = bool(src.config.get("force_zeros_for_empty_prompt", True))
     else:
@@ -521,15 +539,19 @@ def _loaded_text_pipeline(name: str) -> StableDiffusionXLPipeline:
             "tokenizer_2": CLIPTokenizer,
         }
         components = {}
-        for comp, cls in classes.items():
-            entry = index.get(comp)
-            if entry is None or (isinstance(entry, (list, tuple)) and entry[0] is None):
-                components[comp] = None  # e.g. the SDXL refiner has no first text encoder
-            elif comp.startswith("tokenizer"):
-                components[comp] = cls.from_pretrained(path, subfolder=comp)
-            else:
-                components[comp] = cls.from_pretrained(path, subfolder=comp, dtype=torch.float32)  # transformers 5: `dtype`
+        try:
+            for comp, cls in classes.items():
+                entry = index.get(comp)
+                if entry is None or (isinstance(entry, (list, tuple)) and entry[0] is None):
+                    components[comp] = None  # e.g. the SDXL refiner has no first text encoder
+                elif comp.startswith("tokenizer"):
+                    components[comp] = cls.from_pretrained(path, subfolder=comp)
+                else:
+                    components[comp] = cls.from_pretrained(path, subfolder=comp, dtype=torch.float32)  # transformers 5: `dtype`
+        except Exception as e:
+            raise loading.ModelLoadError(f"cannot load the text encoders of {name!r}: {loading._reason(e)}") from e
         force_zeros = bool(index.get("force_zeros_for_empty_prompt", True))
+    loading.fuse_loras(loras, text_encoder=components["text_encoder"], text_encoder_2=components["text_encoder_2"])
     return _make_text_pipeline(components, force_zeros)
 
 
@@ -578,11 +600,18 @@ def encode_prompt(spec: ModelSpec, prompt: str, negative_prompt: str = "", seed:
     if spec.name == "sdxl-random":
         return _random_embeddings(prompt, negative_prompt, seed)
     check_model_name(spec.name)
-    pipe = _text_pipeline(spec.name)
+    pipe = _text_pipeline(spec)
+    return encode_with(pipe, prompt, negative_prompt)
+
+
+@torch.no_grad()
+def encode_with(pipe, prompt: str, negative_prompt: str = "") -> PromptEmbeddings:
+    """:func:`encode_prompt` with a given pipeline's text encoders (CPU float32 results)."""
     # diffusers zeroes the negative only for negative_prompt=None; "" would be encoded as a real empty prompt.
+    encoder = pipe.text_encoder_2 if pipe.text_encoder_2 is not None else pipe.text_encoder
     prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
         prompt=prompt,
-        device=torch.device("cpu"),
+        device=next(encoder.parameters()).device,  # CPU for apt-dist's own; a user's pipeline may be on a GPU
         num_images_per_prompt=1,
         do_classifier_free_guidance=True,
         negative_prompt=negative_prompt if negative_prompt != "" else None,
@@ -695,34 +724,55 @@ def _shared_group_norm(norms: dict[str, torch.nn.GroupNorm], stats: dict) -> Ite
 
 
 class Denoiser:
-    """One UNet replica (spec device/dtype) plus the VAE (spec device, always float32): what a worker holds."""
+    """One UNet replica (spec device/dtype) plus the VAE (spec device, spec vae_dtype): what a worker holds.
 
-    def __init__(self, spec: ModelSpec):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+    `unet`/`vae`: modules to use instead of loading the spec's (``render(config, pipe=...)``); they are used as
+    they are (any LoRA already fused), only moved to the spec's device and dtype.
+    """
+
+    def __init__(self, spec: ModelSpec, unet: torch.nn.Module | None = None, vae: torch.nn.Module | None = None):
+        from . import loading
 
         self.spec = spec
         self.device = spec.torch_device()
         self.dtype = spec.torch_dtype()
-        self.info = model_info(spec)
-        name = spec.name
+        self.vae_dtype = spec.torch_vae_dtype()
+        self.info = model_info(spec) if unet is None else None  # None: the modules of a given pipeline
+        if unet is None:
+            unet, own_vae = self._load(spec)
+            loading.fuse_loras(spec.loras, unet=unet)
+            if vae is None:
+                vae = loading.load_vae(spec, self.vae_dtype) if spec.vae else own_vae
+        self.unet = _frozen(_place(unet, self.device, self.dtype))
+        # SDXL's VAE overflows in float16: float32 unless asked (fp16-fixed VAEs).
+        self.vae = _frozen(_place(vae, self.device, self.vae_dtype))
+
+    def _load(self, spec: ModelSpec) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        from . import loading
+
+        name, want_vae = spec.name, not spec.vae
         if name == "tiny":
             src = build_tiny_pipeline()
-            unet, vae = copy.deepcopy(src.unet), copy.deepcopy(src.vae)  # never touch the cached pipeline's modules
-        elif name == "sdxl-random":
+            # never touch the cached pipeline's modules
+            return copy.deepcopy(src.unet), copy.deepcopy(src.vae) if want_vae else None
+        if name == "sdxl-random":
             unet = _build_random(UNet2DConditionModel, sdxl_unet_config(), _SEED_SDXL_UNET, self.device, self.dtype)
-            vae = _build_random(AutoencoderKL, sdxl_vae_config(), _SEED_SDXL_VAE, self.device, torch.float32)
-        elif _is_single_file(name):
-            pipe = _single_file_pipeline(os.path.expanduser(name), self.dtype, keep=_DENOISER_COMPONENTS)
-            unet, vae = pipe.unet, pipe.vae
-            del pipe
-        else:
-            check_model_name(name)
-            path = _resolve(name)
+            vae = _build_random(AutoencoderKL, sdxl_vae_config(), _SEED_SDXL_VAE, self.device, torch.float32) if want_vae else None
+            return unet, vae
+        if _is_single_file(name):
+            keep = _DENOISER_COMPONENTS if want_vae else ("unet",)
+            pipe = loading.single_file_pipeline(os.path.expanduser(name), loading.single_file_config(spec), self.dtype, keep)
+            return pipe.unet, pipe.vae
+        check_model_name(name)
+        path = _resolve(name)
+        try:
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=self.dtype)
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
-        self.unet = _frozen(_place(unet, self.device, self.dtype))
-        # SDXL's VAE overflows in float16: the VAE always runs in float32.
-        self.vae = _frozen(_place(vae, self.device, torch.float32))
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32) if want_vae else None
+        except Exception as e:
+            raise loading.ModelLoadError(f"cannot load the UNet/VAE of {name!r}: {loading._reason(e)}") from e
+        return unet, vae
 
     @torch.no_grad()
     def predict(
@@ -771,7 +821,7 @@ class Denoiser:
     def _vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         """Model latents -> what ``vae.decode`` takes (un-scale, and un-normalise where the VAE has latents_mean/std)."""
         cfg = self.vae.config
-        z = latents.to(device=self.device, dtype=torch.float32)
+        z = latents.to(device=self.device, dtype=torch.float32)  # un-scaled in float32, then cast for the VAE
         mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
         if mean is not None and std is not None:
             mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -781,7 +831,7 @@ class Denoiser:
             z = z / cfg.scaling_factor
             if getattr(cfg, "shift_factor", None) is not None:
                 z = z + cfg.shift_factor
-        return z
+        return z.to(self.vae_dtype)
 
     @torch.no_grad()
     def group_norm_stats(self, latents: torch.Tensor, max_side: int = 64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -131,8 +131,9 @@ def build_plan(config: RenderConfig, native: int, vae_scale: int, num_train_time
 
 def plan(config: RenderConfig) -> Plan:
     """The plan of `config`: reads the model's configuration only, loads no weights."""
-    from .models import ModelSpec, model_info
+    from .loading import model_source
+    from .models import model_info
 
     config.validate()
-    info = model_info(ModelSpec(config.model, config.dtype, config.device))
+    info = model_info(model_source(config))
     return build_plan(config, info.native_window, info.vae_scale, info.num_train_timesteps)

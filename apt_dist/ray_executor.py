@@ -272,6 +272,11 @@ class RayExecutor(Executor):
         infos = ray.get([w.handle.info.remote() for w in self.workers])  # waits for every model to load
         for w, info in zip(self.workers, infos):
             w.info = info
+        failed = [(w.index, info["load_error"]) for w, info in zip(self.workers, infos) if info.get("load_error")]
+        if failed:
+            self._shutdown_workers()
+            index, reason = failed[0]
+            raise ClusterError(f"worker {index} could not load the model: {reason}")
 
     def _connect_local(self, workers: list[WorkerState]) -> None:
         """Workers on the driver's node that can map its /dev/shm file use it from now on, called over a socket."""

@@ -82,25 +82,27 @@ def render(
     callback: StepCallback | None = None,
     progress: bool = True,
     checkpoint: str | None = None,
+    pipe=None,
 ) -> RenderResult:
     """Render `config`. `executor` defaults to an in-process one on `config.device`.
 
     With `checkpoint` (a file path), the state after each phase is written there, and a
     render that finds a checkpoint of the same configuration resumes after its last phase.
+    `pipe`: a loaded diffusers StableDiffusionXLPipeline whose components are used in this
+    process instead of loading `config.model` (see loading.from_pipeline).
     """
     from . import checkpoint as ckpt
-    from .models import ModelSpec, encode_prompt, model_info
+    from .loading import from_pipeline, prepare
 
     config.validate()
     resume = ckpt.load(checkpoint, config) if checkpoint else None
     t_start = time.perf_counter()
-    spec = ModelSpec(config.model, config.dtype, config.device)
-    info = model_info(spec)
+    spec, info, encode, denoiser = from_pipeline(pipe, config, executor) if pipe is not None else prepare(config)
     plan = build_plan(config, info.native_window, info.vae_scale, info.num_train_timesteps)
-    embeds = encode_prompt(spec, config.prompt, config.negative_prompt, seed=config.seed)
+    embeds = encode(config.prompt, config.negative_prompt, config.seed)
 
     own = executor is None
-    executor = executor or InProcessExecutor()
+    executor = executor or InProcessExecutor(denoiser)
     try:
         executor.start(
             RenderContext(spec, embeds, (config.height, config.width), config.guidance_scale, config.view_batch_size, config.split_guidance)

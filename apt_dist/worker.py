@@ -48,12 +48,19 @@ class UNetWorker:
                 # computes bit for bit what an in-process executor with as many threads computes.
                 torch.set_num_threads(cpu_threads)
 
-            self.denoiser = Denoiser(spec)
+            try:
+                self.denoiser = Denoiser(spec)
+            except Exception as e:  # told to the driver by info(), in one line, instead of an ActorDiedError
+                self.load_error = " ".join(str(e).split())[:500] or type(e).__name__
+
+    load_error: str | None = None
 
     def info(self) -> dict:
         import ray
 
         out = {"pid": os.getpid(), "host": socket.gethostname(), "node_id": ray.get_runtime_context().get_node_id()}
+        if self.load_error:
+            out["load_error"] = self.load_error
         if self.denoiser is not None and self.denoiser.device.type == "cuda":
             import torch
 

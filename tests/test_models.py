@@ -384,39 +384,3 @@ def test_build_random_is_deterministic_on_target_dtype():
         assert ka == kb and torch.equal(va, vb)
 
 
-def test_single_file_loading_wiring(tmp_path, monkeypatch, tiny_embeds, tiny_denoiser):
-    """A .safetensors name goes through StableDiffusionXLPipeline.from_single_file, loading only what is needed.
-
-    from_single_file needs the real SDXL configs from the hub, so it is replaced by a fake that hands out copies of
-    the tiny components and records what it was asked for.
-    """
-    from diffusers import StableDiffusionXLPipeline
-
-    checkpoint = tmp_path / "model.safetensors"
-    checkpoint.write_bytes(b"")
-    calls = []
-
-    def fake_from_single_file(cls, path, **kwargs):
-        calls.append((path, kwargs))
-        src = build_tiny_pipeline()
-        parts = {k: (None if k in kwargs else copy.deepcopy(v)) for k, v in src.components.items()}
-        return cls(**parts, add_watermarker=False)
-
-    monkeypatch.setattr(StableDiffusionXLPipeline, "from_single_file", classmethod(fake_from_single_file))
-    spec = ModelSpec(str(checkpoint), "float32", "cpu")
-    check_model_name(spec.name)
-    assert model_info(spec).native_window == 128  # single files: SDXL defaults, no weights read
-
-    embeds = encode_prompt(spec, "a lighthouse at dusk")
-    path, kwargs = calls[-1]
-    assert path == str(checkpoint) and kwargs["torch_dtype"] == torch.float32
-    assert kwargs["unet"] is None and kwargs["vae"] is None and "text_encoder" not in kwargs
-    torch.testing.assert_close(embeds.prompt_embeds, tiny_embeds.prompt_embeds, rtol=0, atol=1e-6)
-
-    denoiser = Denoiser(spec)
-    path, kwargs = calls[-1]
-    assert kwargs["text_encoder"] is None and kwargs["text_encoder_2"] is None and kwargs["tokenizer"] is None
-    assert "unet" not in kwargs and "vae" not in kwargs
-    x = _latents(1, seed=9)
-    args = (x, 300, [(0, 0)], [1], tiny_embeds, (128, 128))
-    torch.testing.assert_close(denoiser.predict(*args), tiny_denoiser.predict(*args), rtol=0, atol=1e-6)
