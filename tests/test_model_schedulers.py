@@ -94,29 +94,69 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "apt_dist", *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("change,message", [
+@pytest.fixture
+def no_models(monkeypatch):
+    """Fail loudly if anything tries to build a model or encode a prompt."""
+    from apt_dist import models, sampler
+
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    for mod, name in ((models, "Denoiser"), (models, "encode_prompt"), (models, "build_tiny_pipeline"), (sampler, "render")):
+        monkeypatch.setattr(mod, name, boom)
+
+
+UNSUPPORTED = [
     ({"prediction_type": "flow"}, "scheduler config prediction_type='flow' is not supported; supported: epsilon, v_prediction, sample"),
     ({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule='squaredcos_cap_v2' is not supported; supported: scaled_linear, linear"),
     ({"use_karras_sigmas": True}, "use_karras_sigmas=True is not supported; supported: false"),
+    ({"thresholding": True}, "thresholding=True is not supported; supported: false"),
     ({"timestep_spacing": "karras"}, "timestep_spacing='karras' is not supported; supported: leading, trailing, linspace"),
     ({"trained_betas": [0.001] * 1000}, "trained_betas"),
     ({"_class_name": "DPMSolverMultistepScheduler"}, "--scheduler: the model's scheduler is DPMSolverMultistepScheduler"),
-])
-def test_unsupported_scheduler_config_is_one_line_and_exit_2(tmp_path, change, message):
+]
+
+
+def _folder_with(tmp_path, change: dict) -> str:
     folder = save_tiny_with_scheduler(tmp_path / "m", EulerDiscreteScheduler, SDXL)
     path = tmp_path / "m" / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
-    r = _cli("plan", "--model", folder)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
-    assert r.stdout == ""
+    return folder
 
 
-def test_other_scheduler_class_runs_with_an_explicit_step(tmp_path):
-    folder = save_tiny_with_scheduler(tmp_path / "m", EulerDiscreteScheduler, SDXL)
-    path = tmp_path / "m" / "scheduler" / "scheduler_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": "DPMSolverMultistepScheduler"}))
-    r = _cli("plan", "--model", folder, "--scheduler", "ddim", "--json")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["scheduler"] == "ddim"
+@pytest.mark.parametrize("change,message", UNSUPPORTED, ids=[next(iter(c)) for c, _ in UNSUPPORTED])
+def test_unsupported_scheduler_config_stops_a_render_before_any_model_loads(tmp_path, capsys, no_models, change, message):
+    from apt_dist import cli
+
+    folder = _folder_with(tmp_path, change)
+    capsys.readouterr()  # saving the folder writes progress bars
+    assert cli.main(["render", "--model", folder, "--out", str(tmp_path / "x.png"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and err.startswith("apt-dist render: error: --"), err
+
+
+def test_unsupported_scheduler_config_through_apt_dist_plan_is_one_line_and_exit_2(tmp_path):
+    r = _cli("plan", "--model", _folder_with(tmp_path, {"prediction_type": "flow"}))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        f"apt-dist plan: error: --model: {tmp_path / 'm'}: scheduler config prediction_type='flow' is not supported; "
+        "supported: epsilon, v_prediction, sample"]
+
+
+def test_other_scheduler_class_runs_with_an_explicit_step(tmp_path, capsys):
+    from apt_dist import cli
+
+    folder = _folder_with(tmp_path, {"_class_name": "DPMSolverMultistepScheduler"})
+    capsys.readouterr()
+    assert cli.main(["plan", "--model", folder, "--scheduler", "ddim", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["scheduler"] == "ddim"
+
+
+@pytest.mark.parametrize("extra,upscale", [({}, 6), ({"shortcut_steps": 3}, 3), ({"shortcut": 0.3}, 3)])
+def test_apt_with_10_steps_runs_the_shortcut_s_share_in_each_upscaling_phase(extra, upscale):
+    seen = []
+    cfg = RenderConfig(prompt="x", width=256, height=192, steps=10, **extra)
+    r = render(cfg, progress=False, callback=lambda ph, i, t: seen.append((ph, i)))
+    assert [i for ph, i in seen if ph == 1] == list(range(10))
+    assert [i for ph, i in seen if ph == 2] == list(range(10 - upscale, 10))
+    assert r.config.to_dict()["resolved"]["upscale_steps"] == upscale  # what the PNG metadata records
