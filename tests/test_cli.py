@@ -113,6 +113,7 @@ def test_render_end_to_end_through_the_cli(tmp_path):
     assert cfg["width"] == 384 and cfg["method"] == "apt" and cfg["resolved"]["upscale_steps"] == 4
     assert cfg["shortcut"] == 0.6 and cfg["resolved"]["shortcut"] is None  # --shortcut-steps overrides the fraction
     assert cfg["resolved"]["upscale_start_step"] == 2
+    assert cfg["scheduler"] == "auto" and img.text["scheduler"] == "euler"  # what auto resolved to, for tiny
     assert Image.open(tmp_path / "poster.phase1.png").size == (128, 96)
     assert Image.open(tmp_path / "poster.phase2.png").size == (256, 192)
     assert not list(tmp_path.glob("*.tmp"))  # atomic write left nothing behind
