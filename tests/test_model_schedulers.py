@@ -91,7 +91,7 @@ def test_multi_phase_render_is_seeded_and_deterministic(folders, name):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "apt_dist", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "apt_dist", *args], capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.fixture
@@ -139,8 +139,8 @@ def test_unsupported_scheduler_config_through_apt_dist_plan_is_one_line_and_exit
     r = _cli("plan", "--model", _folder_with(tmp_path, {"prediction_type": "flow"}))
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [
-        f"apt-dist plan: error: --model: {tmp_path / 'm'}: scheduler config prediction_type='flow' is not supported; "
-        "supported: epsilon, v_prediction, sample"]
+        (f"apt-dist plan: error: --model: {tmp_path / 'm'}: scheduler config prediction_type='flow' is not supported; "
+         "supported: epsilon, v_prediction, sample")]
 
 
 def test_other_scheduler_class_runs_with_an_explicit_step(tmp_path, capsys):

@@ -23,7 +23,6 @@ from apt_dist.models import (
     sdxl_unet_config,
     sdxl_vae_config,
 )
-
 from apt_dist.schedules import SDXL_SCHEDULER
 
 TINY = ModelSpec("tiny", "float32", "cpu")
