@@ -31,14 +31,17 @@ HELP = {
     "vae_dtype": "VAE dtype: float32 (default, safe) | float16 (only for fp16-safe VAEs, such as fp16-fixed ones) | bfloat16",
     "model_config": "single-file models: a diffusers config folder to read them with (default: built-in SDXL base configs)",
     "method": "apt (default) | demofusion: presets for the three APT parts below",
-    "scheduler": "euler | ddim (leading spacing)",
+    "scheduler": "auto (the model's own: Euler or DDIM) | euler | ddim; timesteps, betas and prediction type always "
+                 "come from the model's scheduler config",
     "steps": "denoising steps N of the schedule",
     "guidance_scale": "classifier-free guidance scale",
     "statistical_matching": "APT Statistical Matching of dilated sub-lattices (default: on for apt)",
     "sm_stats": "Statistical Matching statistics: channel | global",
     "scale_aware_scheduling": "APT Scale-aware Scheduling (default: on for apt)",
     "eta": "SaS eta per phase, 'PHASE:ETA,...' (default 2:2.0,3:3.0,4:3.5; later phases keep the last)",
-    "shortcut_steps": "T0: steps run in each upscaling phase (default: 30 for apt, all for demofusion)",
+    "shortcut": "apt: each upscaling phase runs the last SHORTCUT of the steps, from step round((1 - SHORTCUT) x steps) "
+                "(default 0.6, the paper's 30 of 50)",
+    "shortcut_steps": "T0: steps run in each upscaling phase, overriding --shortcut (default: as --shortcut for apt, all for demofusion)",
     "cosine_scale_1": "DemoFusion skip-residual cosine scale",
     "cosine_scale_2": "DemoFusion local/dilated fusion cosine scale",
     "cosine_scale_3": "DemoFusion blur cosine scale",
@@ -192,7 +195,7 @@ def _render(config: RenderConfig, ns) -> int:
     from .sampler import RenderError, render
 
     _, info, _, _ = prepare(config)  # the model's files and configs checked before any weights load
-    build_plan(config, info.native_window, info.vae_scale)  # model-dependent checks, still before any weights
+    build_plan(config, info.native_window, info.vae_scale, info.scheduler)  # model-dependent checks, still before any weights
     try:
         result = render(config, executor=executor, progress=not ns.no_progress, checkpoint=ns.checkpoint)
     except RenderError as e:
@@ -282,11 +285,20 @@ def _plan(config: RenderConfig, ns) -> int:
         print(json.dumps(d, indent=2))
         return 0
     print(f"plan for {config.width}x{config.height}, model {config.model} (native window {p.native_window} latents), method {config.method}")
+    sc = p.scheduler_config
+    print(f"scheduler {p.scheduler}, {config.steps} steps, on the model's table ({sc.class_name} config: {sc.prediction_type}, "
+          f"{sc.for_step(p.scheduler).timestep_spacing} spacing, {sc.beta_schedule} betas"
+          f"{', zero terminal SNR' if sc.rescale_betas_zero_snr else ''})")
+    if len(p.phases) > 1:
+        up = p.phases[1]
+        how = f"--shortcut {p.shortcut}" if p.shortcut is not None else (
+            "--shortcut-steps" if config.shortcut_steps is not None else "demofusion: all steps")
+        print(f"upscaling phases: {up.steps} of {config.steps} steps, from step {up.start_step} ({how})")
     print(f"{'phase':>5} {'size':>11} {'d':>2} {'steps':>5} {'t0':>4} {'eta':>4} {'local':>5} {'dilated':>7} {'patches':>8}")
     for ph in p.phases:
         print(
-            f"{ph.index:>5} {f'{ph.width}x{ph.height}':>11} {ph.dilation:>2} {ph.steps:>5} {ph.start_timestep:>4} "
-            f"{ph.eta:>4.1f} {ph.local_windows:>5} {ph.dilated_patches:>7} {ph.patch_evals:>8}"
+            f"{ph.index:>5} {f'{ph.width}x{ph.height}':>11} {ph.dilation:>2} {ph.steps:>5} {_t(ph.start_timestep):>4} "
+            f"{'own' if ph.eta is None else f'{ph.eta:.1f}':>4} {ph.local_windows:>5} {ph.dilated_patches:>7} {ph.patch_evals:>8}"
         )
     print(f"UNet patch evaluations (per guidance branch): {p.unet_patch_evals}")
     if "estimate" in d:
@@ -294,6 +306,10 @@ def _plan(config: RenderConfig, ns) -> int:
         print(f"on {e['workers']} workers at {ns.seconds_per_patch * 1000:.0f} ms/patch: ideal {e['ideal_s']:.1f} s, "
               f"with per-step barriers {e['barrier_s']:.1f} s (efficiency bound {e['bound_efficiency']:.0%})")
     return 0
+
+
+def _t(t: int | float) -> str:
+    return str(t) if isinstance(t, int) else f"{t:.1f}"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """RenderConfig: every knob of a render, with the paper's defaults, and its validation.
 
 Method presets: `method="apt"` (the default) turns on Statistical Matching, Scale-aware
-Scheduling and the shortcut (T0 = 30 of 50); `method="demofusion"` turns all three off.
+Scheduling and the shortcut (the last 60% of the steps: T0 = 30 of 50); `method="demofusion"`
+turns all three off.
 The per-part fields default to None, meaning "as the method says"; setting one
 overrides the preset, for ablations. Resolved values are the `*_on` / `start_step`
 properties, so `dataclasses.replace(cfg, method=...)` behaves.
@@ -20,7 +21,7 @@ from .schedules import SCHEDULERS
 
 METHODS = ("apt", "demofusion")
 DEFAULT_ETA = {2: 2.0, 3: 3.0, 4: 3.5}  # per phase; larger phases keep the last value
-APT_SHORTCUT = 30  # T0: denoising steps of an upscaling phase, of 50
+APT_SHORTCUT = 0.6  # the paper's T0 = 30 of 50, as the share of the steps an upscaling phase runs
 
 
 class ConfigError(ValueError):
@@ -49,7 +50,7 @@ class RenderConfig:
     model_config: str | None = None  # single-file models: a diffusers config folder (default: built-in SDXL base)
     # Sampling.
     method: str = "apt"  # "apt" | "demofusion"
-    scheduler: str = "euler"  # "euler" | "ddim"
+    scheduler: str = "auto"  # "auto" (the model's own class) | "euler" | "ddim"; tables from the model's config
     steps: int = 50
     guidance_scale: float = 7.5
     # APT parts (None: as `method` says).
@@ -57,7 +58,8 @@ class RenderConfig:
     sm_stats: str = "channel"  # "channel" | "global"
     scale_aware_scheduling: bool | None = None
     eta: dict[int, float] = field(default_factory=lambda: dict(DEFAULT_ETA))
-    shortcut_steps: int | None = None  # T0; None: 30 for apt, all steps for demofusion
+    shortcut: float = APT_SHORTCUT  # apt: upscaling phases start at step round((1 - shortcut) * steps)
+    shortcut_steps: int | None = None  # T0, overriding `shortcut`; None: as the method says
     # DemoFusion.
     cosine_scale_1: float = 3.0  # skip residual
     cosine_scale_2: float = 1.0  # local/dilated fusion
@@ -86,15 +88,17 @@ class RenderConfig:
 
     @property
     def upscale_steps(self) -> int:
-        """T0: denoising steps run in each upscaling phase."""
+        """T0: denoising steps run in each upscaling phase (apt: at least one; demofusion: all)."""
         if self.shortcut_steps is not None:
             return self.shortcut_steps
-        return min(APT_SHORTCUT, self.steps) if self.method == "apt" else self.steps
+        if self.method != "apt":
+            return self.steps
+        return self.steps - min(self.steps - 1, round((1 - self.shortcut) * self.steps))
 
-    def eta_for(self, phase: int) -> float:
-        """Scale-aware Scheduling eta of phase `phase` (1-based); 0.5 is the model's own table."""
+    def eta_for(self, phase: int) -> float | None:
+        """Scale-aware Scheduling eta of phase `phase` (1-based); None: the model's own table."""
         if not self.sas_on or phase < 2 or not self.eta:
-            return 0.5
+            return None
         keys = sorted(self.eta)
         usable = [k for k in keys if k <= phase]
         return float(self.eta[usable[-1] if usable else keys[0]])
@@ -110,6 +114,8 @@ class RenderConfig:
         _choice("--method", self.method, METHODS)
         _choice("--scheduler", self.scheduler, SCHEDULERS)
         _choice("--sm-stats", self.sm_stats, SM_STATS)
+        if not _finite(self.shortcut) or not 0 < self.shortcut <= 1:
+            raise ConfigError("--shortcut", f"must be a number in (0, 1] (the share of steps each upscaling phase runs), got {self.shortcut!r}")
         if self.shortcut_steps is not None:
             _int_at_least("--shortcut-steps", self.shortcut_steps, 1)
             if self.shortcut_steps > self.steps:
@@ -192,7 +198,9 @@ class RenderConfig:
         d["resolved"] = {
             "statistical_matching": self.sm_on,
             "scale_aware_scheduling": self.sas_on,
+            "shortcut": self.shortcut if self.method == "apt" and self.shortcut_steps is None else None,
             "upscale_steps": self.upscale_steps,
+            "upscale_start_step": self.steps - self.upscale_steps,
         }
         return d
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
+
 __all__ = [
     "Lora",
     "ModelLoadError",
@@ -126,7 +128,7 @@ def prepare(config):
     check_source(spec)
     try:
         info = model_info(spec)
-    except ModelLoadError:
+    except (ModelLoadError, ConfigError):  # already one line naming the option
         raise
     except Exception as e:
         raise ModelLoadError(f"cannot read the configs of model {spec.name!r}: {_reason(e)}") from e

@@ -33,6 +33,8 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers import StableDiffusionXLPipeline
 
+    from .schedules import SchedulerConfig
+
 __all__ = [
     "BUILTIN_MODELS",
     "DTYPES",
@@ -231,19 +233,10 @@ def sdxl_vae_config() -> dict:
 
 
 def _sdxl_scheduler_config() -> dict:
-    """The scheduler config of stabilityai/stable-diffusion-xl-base-1.0 (EulerDiscreteScheduler)."""
-    return {
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "interpolation_type": "linear",
-        "num_train_timesteps": 1000,
-        "prediction_type": "epsilon",
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-        "trained_betas": None,
-        "use_karras_sigmas": False,
-    }
+    """The scheduler config of stabilityai/stable-diffusion-xl-base-1.0 (EulerDiscreteScheduler, leading spacing)."""
+    from .schedules import SDXL_SCHEDULER_DICT
+
+    return dict(SDXL_SCHEDULER_DICT)
 
 
 # The tiny text encoders: hidden sizes 32 and 64 (SDXL: 768 and 1280), pooled/projection dim 32 (SDXL: 1280).
@@ -414,7 +407,7 @@ def build_tiny_pipeline() -> StableDiffusionXLPipeline:
         tokenizer=_tiny_tokenizer(),
         tokenizer_2=_tiny_tokenizer(),
         unet=_frozen(unet),
-        scheduler=EulerDiscreteScheduler(**_sdxl_scheduler_config()),
+        scheduler=EulerDiscreteScheduler.from_config(_sdxl_scheduler_config()),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )
@@ -442,21 +435,32 @@ class ModelInfo:
     vae_scale: int  # 2 ** (len(vae.config.block_out_channels) - 1): 8 for both
     latent_channels: int  # 4
     vae_scaling_factor: float  # SDXL 0.13025
-    beta_start: float  # 0.00085
-    beta_end: float  # 0.012
-    num_train_timesteps: int  # 1000
+    scheduler: SchedulerConfig  # the model's scheduler config, checked (schedules.py)
     force_zeros_for_empty_prompt: bool  # SDXL base: True
+
+    @property
+    def beta_start(self) -> float:
+        return self.scheduler.beta_start
+
+    @property
+    def beta_end(self) -> float:
+        return self.scheduler.beta_end
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.num_train_timesteps
 
 
 def _info_from_configs(unet_cfg: dict, vae_cfg: dict, sched_cfg: dict, force_zeros: bool) -> ModelInfo:
+    """Raises schedules.UnsupportedScheduler for a scheduler config apt-dist cannot follow."""
+    from .schedules import SchedulerConfig
+
     return ModelInfo(
         native_window=int(unet_cfg.get("sample_size", 128)),
         vae_scale=2 ** (len(vae_cfg.get("block_out_channels", (64,))) - 1),
         latent_channels=int(unet_cfg.get("in_channels", vae_cfg.get("latent_channels", 4))),
         vae_scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
-        beta_start=float(sched_cfg.get("beta_start", 0.0001)),
-        beta_end=float(sched_cfg.get("beta_end", 0.02)),
-        num_train_timesteps=int(sched_cfg.get("num_train_timesteps", 1000)),
+        scheduler=SchedulerConfig.from_dict(sched_cfg),
         force_zeros_for_empty_prompt=bool(force_zeros),
     )
 
@@ -478,12 +482,18 @@ def model_info(spec: ModelSpec) -> ModelInfo:
 
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
+    from .config import ConfigError
+    from .schedules import UnsupportedScheduler
+
     path = spec.config if _is_single_file(name) else _resolve(name)
     unet_cfg = UNet2DConditionModel.load_config(path, subfolder="unet")
     vae_cfg = AutoencoderKL.load_config(path, subfolder="vae")
     sched_cfg = EulerDiscreteScheduler.load_config(path, subfolder="scheduler")
     index = _load_model_index(path)
-    return _info_from_configs(unet_cfg, vae_cfg, sched_cfg, index.get("force_zeros_for_empty_prompt", True))
+    try:
+        return _info_from_configs(unet_cfg, vae_cfg, sched_cfg, index.get("force_zeros_for_empty_prompt", True))
+    except UnsupportedScheduler as e:  # bad input: the CLI exits 2, before any weights load
+        raise ConfigError("--model", f"{name}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -82,7 +82,8 @@ def write_result(result, out: str | os.PathLike) -> list[Path]:
     from . import __version__
 
     cfg = result.config
-    extra = {"apt_dist_version": __version__, "phases": [f"{p.width}x{p.height}" for p in result.phases]}
+    extra = {"apt_dist_version": __version__, "phases": [f"{p.width}x{p.height}" for p in result.phases],
+             "scheduler": result.plan.scheduler}  # what --scheduler auto resolved to
     info = png_metadata(cfg.prompt, cfg.seed, cfg.to_json(), extra)
     out = Path(out)
     paths = [save_png_atomic(result.image, out, info)]

@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .config import RenderConfig
+from . import schedules as S
+from .config import ConfigError, RenderConfig
 from .executor import make_units
 from .geometry import count_local_windows, dilation_factor, phase_shapes
-from .schedules import leading_timesteps
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,8 @@ class PhasePlan:
     dilation: int  # d: the d x d dilated sub-lattices (1 in phase 1)
     steps: int  # denoising steps run in this phase
     start_step: int  # index into the N-step schedule
-    start_timestep: int
-    eta: float  # Scale-aware Scheduling (0.5 = the model's own table)
+    start_timestep: int | float  # what the UNet gets at start_step (fractional only for Euler + linspace)
+    eta: float | None  # Scale-aware Scheduling (None: the model's own table)
     local_windows: int  # per step (phase 1: the whole latent)
     dilated_patches: int  # per step
     units_per_step: int  # UNet calls per step (see executor.make_units)
@@ -48,6 +48,9 @@ class Plan:
     vae_scale: int
     stride: int
     phases: tuple[PhasePlan, ...]
+    scheduler: str = "euler"  # the step that runs: --scheduler, with auto resolved from the model's class
+    scheduler_config: S.SchedulerConfig = S.SDXL_SCHEDULER  # the model's
+    shortcut: float | None = None  # apt's fraction where it sets the upscaling phases' steps
 
     @property
     def unet_patch_evals(self) -> int:
@@ -78,6 +81,10 @@ class Plan:
             "native_window": self.native_window,
             "vae_scale": self.vae_scale,
             "stride": self.stride,
+            "scheduler": self.scheduler,
+            "model_scheduler": self.scheduler_config.to_dict(),
+            "shortcut": self.shortcut,
+            "upscale_steps": self.phases[1].steps if len(self.phases) > 1 else None,
             "phases": [asdict(p) | {"patches_per_step": p.patches_per_step, "patch_evals": p.patch_evals} for p in self.phases],
             "unet_patch_evals": self.unet_patch_evals,
             "unet_calls": self.unet_calls,
@@ -89,11 +96,24 @@ def dilated_shapes(shape: tuple[int, int], d: int) -> list[tuple[int, int]]:
     return [(-(-(h - a) // d), -(-(w - b) // d)) for a in range(d) for b in range(d)]
 
 
-def build_plan(config: RenderConfig, native: int, vae_scale: int, num_train_timesteps: int = 1000) -> Plan:
+def phase_schedule(config: RenderConfig, scheduler: S.SchedulerConfig, eta: float | None = None) -> S.NoiseSchedule:
+    """The tables of a phase: the step `config.scheduler` resolves to, over the model's own config (eta: SaS)."""
+    try:
+        kind = S.resolve_kind(config.scheduler, scheduler)
+    except S.UnsupportedScheduler as e:
+        raise ConfigError("--scheduler", str(e)) from None
+    if config.steps > scheduler.num_train_timesteps:
+        raise ConfigError("--steps", f"must be at most the model's num_train_timesteps={scheduler.num_train_timesteps}, got {config.steps}")
+    return S.make_schedule(kind, config.steps, scheduler, eta)
+
+
+def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.SchedulerConfig | None = None) -> Plan:
+    """`scheduler`: the model's scheduler config (None: SDXL base's)."""
     config.validate_for_model(native)
+    scheduler = scheduler or S.SDXL_SCHEDULER
+    sched = phase_schedule(config, scheduler)
     stride = config.stride or native // 2
     shapes = phase_shapes(config.height // vae_scale, config.width // vae_scale, native)
-    timesteps = leading_timesteps(config.steps, num_train_timesteps)
     phases = []
     for index, (h, w) in enumerate(shapes, start=1):
         if index == 1:
@@ -119,14 +139,15 @@ def build_plan(config: RenderConfig, native: int, vae_scale: int, num_train_time
                 dilation=d,
                 steps=steps,
                 start_step=start,
-                start_timestep=int(timesteps[start]),
+                start_timestep=S.model_timestep(sched, start),
                 eta=config.eta_for(index),
                 local_windows=local,
                 dilated_patches=dil,
                 units_per_step=units,
             )
         )
-    return Plan(config.width, config.height, native, vae_scale, stride, tuple(phases))
+    shortcut = config.shortcut if config.method == "apt" and config.shortcut_steps is None else None
+    return Plan(config.width, config.height, native, vae_scale, stride, tuple(phases), sched.kind, scheduler, shortcut)
 
 
 def plan(config: RenderConfig) -> Plan:
@@ -136,4 +157,4 @@ def plan(config: RenderConfig) -> Plan:
 
     config.validate()
     info = model_info(model_source(config))
-    return build_plan(config, info.native_window, info.vae_scale, info.num_train_timesteps)
+    return build_plan(config, info.native_window, info.vae_scale, info.scheduler)

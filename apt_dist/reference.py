@@ -22,13 +22,13 @@ from . import schedules as S
 from .config import RenderConfig
 from .geometry import crop_pixels, gaussian_blur, jitter_range, lattice_offsets, local_windows
 from .matching import ReferenceStats, standardize_to, statistical_matching
-from .plan import PhasePlan, Plan, build_plan
+from .plan import PhasePlan, Plan, build_plan, phase_schedule
 
 
 def reference_render(config: RenderConfig, denoiser, embeds) -> list[torch.Tensor]:
     """Every phase's final latent [1, C, h, w], the last one the image's. `denoiser`: a `models.Denoiser`."""
     info = denoiser.info
-    plan = build_plan(config, info.native_window, info.vae_scale, info.num_train_timesteps)
+    plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler)
     unet = _GuidedUNet(denoiser, embeds, (config.height, config.width), config.guidance_scale)
     gen = torch.Generator().manual_seed(config.seed)
     z1 = reference_phase(config, plan.phases[0], info, unet, gen)
@@ -38,18 +38,12 @@ def reference_render(config: RenderConfig, denoiser, embeds) -> list[torch.Tenso
     return latents
 
 
-def phase_schedule(config: RenderConfig, info, eta: float) -> S.NoiseSchedule:
-    """A phase's tables: Scale-aware Scheduling's beta table (eta 0.5 is the model's own)."""
-    betas = S.sas_betas(info.num_train_timesteps, info.beta_start, info.beta_end, eta)
-    return S.make_schedule(config.scheduler, config.steps, betas)
-
-
 def reference_phase(config: RenderConfig, phase: PhasePlan, info, unet, gen: torch.Generator) -> torch.Tensor:
     """Phase 1: plain SDXL text-to-image at the native size."""
-    sched = phase_schedule(config, info, 0.5)
+    sched = phase_schedule(config, info.scheduler)  # the model's own table
     x = torch.randn(1, info.latent_channels, phase.latent_height, phase.latent_width, generator=gen) * S.init_noise_sigma(sched)
     for i in range(config.steps):
-        eps = unet(S.scale_model_input(sched, x, i), int(sched.timesteps[i]), (0, 0))
+        eps = unet(S.scale_model_input(sched, x, i), S.model_timestep(sched, i), (0, 0))
         x = S.step(sched, x, eps, i)
     return x
 
@@ -62,13 +56,13 @@ def upscale_phase(config: RenderConfig, plan: Plan, phase: PhasePlan, info, unet
     z = F.interpolate(prev, size=(h, w), mode="bicubic", align_corners=False)
     if config.sm_on:
         z = statistical_matching(z, ref, d, config.sm_stats)
-    sched = phase_schedule(config, info, phase.eta)
+    sched = phase_schedule(config, info.scheduler, phase.eta)  # Scale-aware Scheduling
     noise = torch.randn(z.shape, generator=gen)
     x = S.add_noise(sched, z, noise, phase.start_step)  # the shortcut: start at step N - T0
     jr = jitter_range(n, stride)
     for i in range(phase.start_step, config.steps):
-        t = int(sched.timesteps[i])
-        cf = S.cosine_factor(t, info.num_train_timesteps)
+        t = S.model_timestep(sched, i)
+        cf = S.cosine_factor(t, sched.num_train_timesteps)
         c1, c2, c3 = cf**config.cosine_scale_1, cf**config.cosine_scale_2, 0.99 * cf**config.cosine_scale_3 + 0.01
 
         # Skip residual towards the noised upsampled latent.
@@ -105,7 +99,7 @@ class _GuidedUNet:
     def __init__(self, denoiser, embeds, original_size: tuple[int, int], guidance_scale: float):
         self.denoiser, self.embeds, self.original_size, self.g = denoiser, embeds, original_size, guidance_scale
 
-    def __call__(self, x: torch.Tensor, t: int, crop: tuple[int, int]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t, crop: tuple[int, int]) -> torch.Tensor:
         rows = torch.cat([x, x]).contiguous()
         uncond, cond = self.denoiser.predict(rows, t, [crop, crop], [0, 1], self.embeds, self.original_size)
         return (uncond + self.g * (cond - uncond))[None]

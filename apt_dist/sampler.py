@@ -34,7 +34,7 @@ from .fusion import DilatedViews, LocalViews
 from .geometry import jitter_range, local_windows
 from .matching import ReferenceStats, standardize_to, statistical_matching
 from .outputs import to_pil
-from .plan import PhasePlan, Plan, build_plan
+from .plan import PhasePlan, Plan, build_plan, phase_schedule
 from .tiling import decode_tiled
 
 
@@ -98,7 +98,7 @@ def render(
     resume = ckpt.load(checkpoint, config) if checkpoint else None
     t_start = time.perf_counter()
     spec, info, encode, denoiser = from_pipeline(pipe, config, executor) if pipe is not None else prepare(config)
-    plan = build_plan(config, info.native_window, info.vae_scale, info.num_train_timesteps)
+    plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler)
     embeds = encode(config.prompt, config.negative_prompt, config.seed)
 
     own = executor is None
@@ -153,10 +153,9 @@ class _Sampler:
         self.stats: list[PhaseStats] = []
         self.bar = None  # one progress bar over every step of every phase
 
-    def schedule(self, eta: float) -> S.NoiseSchedule:
-        """This phase's tables: Scale-aware Scheduling's betas (eta 0.5 = the model's own)."""
-        i = self.info
-        return S.make_schedule(self.cfg.scheduler, self.cfg.steps, S.sas_betas(i.num_train_timesteps, i.beta_start, i.beta_end, eta))
+    def schedule(self, eta: float | None) -> S.NoiseSchedule:
+        """This phase's tables: Scale-aware Scheduling's betas (eta None = the model's own)."""
+        return phase_schedule(self.cfg, self.info.scheduler, eta)
 
     def run(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.progress:
@@ -197,11 +196,11 @@ class _Sampler:
 
     # ---- phase 1: the reference latent -------------------------------------------
     def reference_phase(self, phase: PhasePlan) -> torch.Tensor:
-        sched = self.schedule(0.5)
+        sched = self.schedule(None)
         shape = (1, self.info.latent_channels, phase.latent_height, phase.latent_width)
         x = torch.randn(shape, generator=self.gen) * S.init_noise_sigma(sched)
         for i in self._steps(phase):
-            t = int(sched.timesteps[i])
+            t = S.model_timestep(sched, i)
             (eps,) = self.ex.predict(t, [S.scale_model_input(sched, x, i)[0]], [(0, 0)])
             x = S.step(sched, x, eps[None], i)
             self._check(x.sum(), phase, i, t)
@@ -239,7 +238,7 @@ class _Sampler:
     def weights(self, sched: S.NoiseSchedule, i: int) -> tuple[int, float, float, float]:
         """Step i's timestep and DemoFusion's cosine weights c1 (skip residual), c2 (fusion), c3 (blur)."""
         cfg = self.cfg
-        t = int(sched.timesteps[i])
+        t = S.model_timestep(sched, i)
         cf = S.cosine_factor(t, sched.num_train_timesteps)
         return t, cf**cfg.cosine_scale_1, cf**cfg.cosine_scale_2, 0.99 * cf**cfg.cosine_scale_3 + 0.01
 

@@ -53,10 +53,15 @@ PRELUDE = "import dataclasses\n"  # what a mutation may use
 
 
 def run_tests(package_parent: Path, selection: str) -> tuple[int, str]:
+    # Run from the copy's folder: `python -m` puts the working directory first on sys.path.
     env = dict(os.environ, PYTHONPATH=str(package_parent))
+    where = subprocess.run([sys.executable, "-c", "import apt_dist; print(apt_dist.__file__)"], cwd=package_parent, env=env,
+                           capture_output=True, text=True).stdout.strip()
+    if not where.startswith(str(package_parent)):
+        raise SystemExit(f"mutation check: the tests would import {where!r}, not the copy in {package_parent}")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_reference.py"),
            "-m", "not slow", "-k", selection]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=package_parent, env=env, capture_output=True, text=True)
     return proc.returncode, proc.stdout + proc.stderr
 
 

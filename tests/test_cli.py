@@ -29,6 +29,8 @@ BAD = [
     (["--width", "-64"], "--width"),
     (["--steps", "0"], "--steps"),
     (["--steps", "20", "--shortcut-steps", "30"], "--shortcut-steps"),
+    (["--shortcut", "0"], "--shortcut"),
+    (["--shortcut", "1.5"], "--shortcut"),
     (["--eta", "2:0"], "--eta"),
     (["--eta", "-1"], "--eta"),
     (["--eta", "two"], "--eta"),
@@ -81,6 +83,19 @@ def test_plan_table(capsys):
     assert "on 8 workers" in out
 
 
+def test_plan_shows_the_shortcut_fraction_and_its_steps(capsys):
+    assert cli.main(["plan", "--width", "384", "--height", "384", "--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "upscaling phases: 6 of 10 steps, from step 4 (--shortcut 0.6)" in out
+    assert "scheduler euler, 10 steps, on the model's table (EulerDiscreteScheduler config: epsilon, leading spacing" in out
+    assert cli.main(["plan", "--width", "384", "--height", "384", "--steps", "10", "--shortcut-steps", "3", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["shortcut"] is None and d["upscale_steps"] == 3 and [p["start_step"] for p in d["phases"]] == [0, 7, 7]
+    assert cli.main(["plan", "--width", "384", "--height", "384", "--steps", "10", "--shortcut", "0.3", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["shortcut"] == 0.3 and d["upscale_steps"] == 3
+
+
 def test_render_end_to_end_through_the_cli(tmp_path):
     out = tmp_path / "poster.png"
     proc = subprocess.run(
@@ -96,6 +111,9 @@ def test_render_end_to_end_through_the_cli(tmp_path):
     assert img.text["prompt"] == "a harbour at night" and img.text["seed"] == "3"
     cfg = json.loads(img.text["apt_dist_config"])
     assert cfg["width"] == 384 and cfg["method"] == "apt" and cfg["resolved"]["upscale_steps"] == 4
+    assert cfg["shortcut"] == 0.6 and cfg["resolved"]["shortcut"] is None  # --shortcut-steps overrides the fraction
+    assert cfg["resolved"]["upscale_start_step"] == 2
+    assert cfg["scheduler"] == "auto" and img.text["scheduler"] == "euler"  # what auto resolved to, for tiny
     assert Image.open(tmp_path / "poster.phase1.png").size == (128, 96)
     assert Image.open(tmp_path / "poster.phase2.png").size == (256, 192)
     assert not list(tmp_path.glob("*.tmp"))  # atomic write left nothing behind

@@ -23,6 +23,7 @@ from apt_dist.models import (
     sdxl_unet_config,
     sdxl_vae_config,
 )
+from apt_dist.schedules import SDXL_SCHEDULER
 
 TINY = ModelSpec("tiny", "float32", "cpu")
 
@@ -124,9 +125,7 @@ def test_tiny_architecture_matches_model_info():
         vae_scale=8,
         latent_channels=4,
         vae_scaling_factor=0.13025,
-        beta_start=0.00085,
-        beta_end=0.012,
-        num_train_timesteps=1000,
+        scheduler=SDXL_SCHEDULER,
         force_zeros_for_empty_prompt=True,
     )
     assert pipe.unet.config.sample_size == info.native_window

@@ -2,7 +2,8 @@
 
 import pytest
 
-from apt_dist.config import RenderConfig
+from apt_dist import schedules as S
+from apt_dist.config import ConfigError, RenderConfig
 from apt_dist.plan import build_plan
 
 
@@ -29,9 +30,9 @@ def test_shortcut_starts_every_upscaling_phase_at_581():
 
 def test_eta_per_phase():
     p = sdxl_plan(width=128 * 8 * 6, height=128 * 8 * 6)
-    assert [ph.eta for ph in p.phases] == [0.5, 2.0, 3.0, 3.5, 3.5, 3.5]
+    assert [ph.eta for ph in p.phases] == [None, 2.0, 3.0, 3.5, 3.5, 3.5]  # None: the model's own table
     off = sdxl_plan(width=4096, height=4096, scale_aware_scheduling=False)
-    assert {ph.eta for ph in off.phases} == {0.5}
+    assert {ph.eta for ph in off.phases} == {None}
 
 
 def test_barrier_bounds_of_the_4096_plan():
@@ -47,3 +48,46 @@ def test_barrier_bounds_of_the_4096_plan():
 def test_small_render_is_one_phase():
     p = build_plan(RenderConfig(width=128, height=96), native=16, vae_scale=8)
     assert len(p.phases) == 1 and (p.phases[0].width, p.phases[0].height) == (128, 96)
+
+
+@pytest.mark.parametrize("steps,upscale", [(50, 30), (10, 6), (4, 2), (1, 1), (25, 15)])
+def test_shortcut_is_a_fraction_of_the_steps(steps, upscale):
+    p = sdxl_plan(width=2048, height=2048, steps=steps)
+    assert p.phases[1].steps == upscale and p.phases[1].start_step == steps - upscale == round(0.4 * steps)
+    assert p.shortcut == 0.6 and p.to_dict()["upscale_steps"] == upscale
+
+
+def test_shortcut_steps_override_the_fraction_and_demofusion_runs_all():
+    p = sdxl_plan(width=2048, height=2048, steps=10, shortcut=0.6, shortcut_steps=3)
+    assert p.phases[1].steps == 3 and p.phases[1].start_step == 7 and p.shortcut is None
+    assert sdxl_plan(width=2048, height=2048, steps=10, shortcut=0.3).phases[1].steps == 3
+    assert sdxl_plan(width=2048, height=2048, steps=10, method="demofusion").phases[1].steps == 10
+    # A tiny fraction still runs one step.
+    assert sdxl_plan(width=2048, height=2048, steps=10, shortcut=0.01).phases[1].steps == 1
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("nan")])
+def test_shortcut_must_be_in_0_1(bad):
+    with pytest.raises(ConfigError, match="--shortcut"):
+        RenderConfig(shortcut=bad).validate()
+
+
+def test_plan_uses_the_model_s_timesteps():
+    trailing = S.SchedulerConfig.from_dict({**S.SDXL_SCHEDULER_DICT, "timestep_spacing": "trailing"})
+    p = build_plan(RenderConfig(width=2048, height=2048, steps=10), 128, 8, trailing)
+    assert p.phases[0].start_timestep == 999 and p.phases[1].start_timestep == 599  # trailing: 999, 899, ..., 99
+    linspace = S.SchedulerConfig.from_dict({**S.SDXL_SCHEDULER_DICT, "timestep_spacing": "linspace"})
+    p = build_plan(RenderConfig(width=2048, height=2048, steps=7), 128, 8, linspace)
+    assert p.phases[1].start_step == 3 and p.phases[1].start_timestep == 499.5  # 999 * 3 / 6: fractional for Euler
+    ddim = build_plan(RenderConfig(width=2048, height=2048, steps=7, scheduler="ddim"), 128, 8, linspace)
+    assert ddim.phases[1].start_timestep == 500 and ddim.scheduler == "ddim"  # DDIM rounds (half to even)
+
+
+def test_scheduler_auto_follows_the_model_s_class_and_refuses_others():
+    ddim_model = S.SchedulerConfig.from_dict({**S.SDXL_SCHEDULER_DICT, "_class_name": "DDIMScheduler"})
+    assert build_plan(RenderConfig(width=128, height=128), 16, 8, ddim_model).scheduler == "ddim"
+    assert build_plan(RenderConfig(width=128, height=128), 16, 8).scheduler == "euler"
+    dpm = S.SchedulerConfig.from_dict({**S.SDXL_SCHEDULER_DICT, "_class_name": "DPMSolverMultistepScheduler"})
+    with pytest.raises(ConfigError, match=r"^--scheduler: .*DPMSolverMultistepScheduler.*--scheduler euler\|ddim"):
+        build_plan(RenderConfig(width=128, height=128), 16, 8, dpm)
+    assert build_plan(RenderConfig(width=128, height=128, scheduler="euler"), 16, 8, dpm).scheduler == "euler"

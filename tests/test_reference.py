@@ -76,3 +76,15 @@ def test_ray_workers_equal_reference(denoiser):
     with RayExecutor(num_workers=2) as ex:
         result = render(cfg, executor=ex, progress=False)
     assert_same_image(result.latent, reference(cfg, denoiser)[-1])
+
+
+def test_v_prediction_trailing_zero_snr_model_equals_reference(tmp_path):
+    """A model with its own scheduler config (v-prediction, trailing spacing, zero terminal SNR), three phases."""
+    from test_model_schedulers import MODEL_CONFIGS, save_tiny_with_scheduler
+
+    folder = save_tiny_with_scheduler(tmp_path / "vpred", *MODEL_CONFIGS["v-trailing-zero-snr"])
+    denoiser = Denoiser(ModelSpec(folder))
+    assert denoiser.info.scheduler.prediction_type == "v_prediction"
+    cfg = small_config(model=folder)
+    result = render(cfg, executor=InProcessExecutor(denoiser), progress=False)
+    assert_same_image(result.latent, reference(cfg, denoiser)[-1])
