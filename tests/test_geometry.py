@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from apt_dist.geometry import (
     WindowViews,
@@ -113,14 +114,30 @@ def test_gaussian_blur_keeps_constants_and_smooths():
     assert torch.equal(gaussian_blur(y, 1, 1.0), y)
 
 
-@pytest.mark.parametrize("kernel_size,sigma", [(3, 0.8), (7, 1.5), (5, 0.3)])
-def test_gaussian_blur_equals_demofusions_depthwise_2d_convolution(kernel_size, sigma):
-    """DemoFusion blurs with a 2-D depthwise kernel (outer product of the 1-D taps); ours is separable."""
-    import torch.nn.functional as F
-
-    x = torch.randn(1, 4, 37, 29, generator=torch.Generator().manual_seed(1))
+def _depthwise_2d_gaussian(kernel_size: int, sigma: float, channels: int) -> torch.Tensor:
+    """DemoFusion's kernel: the outer product of the 1-D taps, one copy per channel."""
     g = torch.tensor(gaussian_kernel_1d(kernel_size, sigma), dtype=torch.float64)
-    k2 = (g[:, None] * g[None, :]).to(torch.float32).expand(4, 1, kernel_size, kernel_size).contiguous()
+    return (g[:, None] * g[None, :]).to(torch.float32).expand(channels, 1, kernel_size, kernel_size).contiguous()
+
+
+@pytest.mark.parametrize("kernel_size,sigma", [(3, 0.8), (7, 1.5), (5, 0.3)])
+def test_gaussian_blur_equals_a_depthwise_2d_convolution_of_the_edge_replicated_latent(kernel_size, sigma):
+    """Our separable blur is DemoFusion's 2-D depthwise kernel applied to the latent padded by edge replication."""
+    x = torch.randn(1, 4, 37, 29, generator=torch.Generator().manual_seed(1))
     p = kernel_size // 2
-    expected = F.conv2d(F.pad(x, (p, p, p, p), mode="replicate"), k2, groups=4)
+    expected = F.conv2d(F.pad(x, (p, p, p, p), mode="replicate"), _depthwise_2d_gaussian(kernel_size, sigma, 4), groups=4)
     torch.testing.assert_close(gaussian_blur(x, kernel_size, sigma), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel_size,sigma", [(3, 0.8), (5, 1.0)])
+def test_gaussian_blur_agrees_with_demofusions_zero_padded_blur_inside_and_not_at_the_border(kernel_size, sigma):
+    """DemoFusion blurs with F.conv2d(padding=kernel_size // 2), zero padding: the same inside, darker at the
+    border (towards 0), where we replicate the edge (docs/demofusion.md)."""
+    x = torch.rand(1, 4, 24, 20, generator=torch.Generator().manual_seed(2)) + 1.0  # values in [1, 2)
+    p = kernel_size // 2
+    theirs = F.conv2d(x, _depthwise_2d_gaussian(kernel_size, sigma, 4), padding=p, groups=4)
+    ours = gaussian_blur(x, kernel_size, sigma)
+    torch.testing.assert_close(ours[..., p:-p, p:-p], theirs[..., p:-p, p:-p], rtol=0, atol=1e-6)
+    border = torch.ones(24, 20, dtype=torch.bool)
+    border[p:-p, p:-p] = False
+    assert (ours - theirs)[..., border].min() > 1e-2  # theirs is darker at every border position
