@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,7 @@ MUTATIONS = {
     ),
     "shortcut starts one step late": (
         "x = S.add_noise(sched, z, noise, phase.start_step)  # the shortcut",
-        "phase = dataclasses.replace(phase, start_step=phase.start_step + 1, steps=phase.steps - 1)\n"
+        "phase = __import__('dataclasses').replace(phase, start_step=phase.start_step + 1, steps=phase.steps - 1)\n"
         "        x = S.add_noise(sched, z, noise, phase.start_step)  # the shortcut",
     ),
     "blur sigma doubled": (
@@ -49,7 +50,6 @@ MUTATIONS = {
         "dilated = DilatedViews(x, d, 2 * cfg.sigma * c3, sched, i)",
     ),
 }
-PRELUDE = "import dataclasses\n"  # what a mutation may use
 
 
 def run_tests(package_parent: Path, selection: str) -> tuple[int, str]:
@@ -80,7 +80,7 @@ def main() -> int:
                     rows.append((name, "NOT APPLIED", f"pattern found {source.count(old)} times in sampler.py"))
                     ok = False
                     continue
-                (copy / "apt_dist" / "sampler.py").write_text(PRELUDE + source.replace(old, new))
+                (copy / "apt_dist" / "sampler.py").write_text(source.replace(old, new))
             t0 = time.perf_counter()
             rc, out = run_tests(copy, args.k)
             seconds = time.perf_counter() - t0
@@ -89,7 +89,9 @@ def main() -> int:
                 verdict = "passes" if good else "FAILS (the unchanged sampler must pass)"
             else:
                 good = rc == 1 and "Mismatched elements" in out
-                verdict = "caught (the latents differ)" if good else ("NOT CAUGHT" if rc == 0 else "failed, but not on the image")
+                diff = re.search(r"Greatest absolute difference: ([0-9.e+-]+)", out)
+                verdict = (f"caught: latents differ by up to {float(diff.group(1)):.3g}" if good and diff else "caught" if good
+                           else "NOT CAUGHT" if rc == 0 else "failed, but not on the image")
             ok &= good
             rows.append((name, verdict, f"{seconds:.0f} s"))
             if not good:
