@@ -1,6 +1,7 @@
 """The command line: end to end, the plan, and every bad-input case (exit 2, one line, nothing loaded)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -142,15 +143,29 @@ def test_address_problem_says_in_seconds_that_no_cluster_answers(monkeypatch, tm
     for fine in (None, "local"):
         assert address_problem(fine) is None
     assert "must be auto or HOST:PORT" in address_problem("host:port")
-    # auto: RAY_ADDRESS first, else the cluster that `ray start` last left on this machine, else Ray's own error.
-    monkeypatch.setattr(ray_executor, "RAY_CURRENT_CLUSTER", str(tmp_path / "none"))
+    # auto: RAY_ADDRESS first, else the cluster that `ray start` last left in Ray's temp dir ($RAY_TMPDIR/ray here).
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert address_problem("auto") is None
-    (tmp_path / "current").write_text(f"127.0.0.1:{port}\n")
-    monkeypatch.setattr(ray_executor, "RAY_CURRENT_CLUSTER", str(tmp_path / "current"))
-    assert "auto: the cluster last started on this machine" in address_problem("auto")
+    assert "found no Ray cluster" in address_problem("auto") and str(tmp_path / "ray") in address_problem("auto")
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+    assert f"auto: the cluster last started on this machine, {tmp_path / 'ray'}" in address_problem("auto")
+    # ...or in the temp dir given to Ray (ray.init's _temp_dir).
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+    assert str(tmp_path / "other") in address_problem("auto", temp_dir=str(tmp_path / "other"))
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     assert "auto: RAY_ADDRESS" in address_problem("auto")
+
+
+def test_auto_address_refuses_an_address_file_of_another_user(monkeypatch, tmp_path):
+    from apt_dist import ray_executor
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "ray_current_cluster").write_text("127.0.0.1:6379\n")
+    monkeypatch.setattr(ray_executor.os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    address, why = ray_executor.resolve_auto_address(str(tmp_path))
+    assert address == "" and "another user" in why
 
 
 def test_ray_executor_with_an_address_that_does_not_answer_fails_before_ray_init():
