@@ -49,7 +49,24 @@ BAD = [
     (["--driver-threads", "0"], "--driver-threads"),
     (["--address", "nohost"], "--address"),
     (["--address", "127.0.0.1:1", "--workers", "2"], "--address"),  # nothing listens: an error in seconds, not Ray's minutes
+    # Bounds (issue 16): each before any work.
+    (["--steps", "1000"], "--steps"),
+    (["--steps", "1001"], "--steps"),
+    (["--steps", "1000000000"], "--steps"),
+    (["--width", "1000000"], "--width"),
+    (["--width", "1000000", "--height", "1000000"], "--width"),
+    (["--width", "2048", "--height", "8"], "--height"),
+    (["--width", "4096", "--height", "4096", "--stride", "1"], "--stride"),
+    (["--seed", "18446744073709551616"], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--device", "quantum"], "--device"),
+    (["--device", "cuda:99"], "--device"),
+    (["--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--workers", "1", "--call-timeout", "0"], "--call-timeout"),
+    (["--workers", "1", "--worker-return-timeout", "-5"], "--worker-return-timeout"),
 ]
+if not __import__("torch").cuda.is_available():
+    BAD.append((["--device", "cuda"], "--device"))
 
 
 @pytest.mark.parametrize("args,option", BAD, ids=[" ".join(a) for a, _ in BAD])
@@ -62,7 +79,27 @@ def test_bad_input_exits_2_with_one_line_naming_the_option(args, option, capsys,
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert option in err and "error" in err
+    assert option in err and "error" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_latent_that_does_not_fit_the_drivers_memory_is_refused_naming_the_limit(capsys, no_models, tmp_path, monkeypatch):
+    from apt_dist import plan
+
+    monkeypatch.setattr(plan, "driver_memory_bytes", lambda: 2**27)
+    # The tiny model, 16 float32 copies of the latent: 2048x2048 (4x256x256) 16 MiB fits in 128 MiB; 8192x8192, 256 MiB.
+    assert cli.main(["plan", "--width", "2048", "--height", "2048"]) == 0
+    capsys.readouterr()
+    assert cli.main(["render", "--width", "8192", "--height", "8192", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--width" in err and "0.2 GiB of driver memory" in err and "has 0.1 GiB" in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_plan_of_an_absurd_size_is_refused_at_once():
+    t0 = __import__("time").monotonic()
+    assert cli.main(["plan", "--width", "1000000", "--height", "1000000"]) == 2
+    assert __import__("time").monotonic() - t0 < 5
 
 
 def test_plan_json_counts_at_4096():
