@@ -537,6 +537,9 @@ class RayExecutor(Executor):
 
         calls = [k for k in keys if isinstance(k, channel.Call)]
         refs = [k for k in keys if not isinstance(k, channel.Call)] + list(self._pings)
+        if not calls and not refs:  # waiting for a lost worker's next ping: ray.wait([]) would return at once
+            time.sleep(0.05)
+            return []
         if not calls:
             return ray.wait(refs, num_returns=1, timeout=0.5)[0]
         if not refs:

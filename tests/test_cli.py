@@ -242,3 +242,20 @@ def test_more_workers_than_a_local_ray_instance_can_hold_fail_at_once_not_after_
     with RayExecutor(num_workers=1, gpus_per_worker=1) as ex, \
             pytest.raises(ClusterError, match=r"1 GPU \(this machine has 0\)\. Use fewer workers, a fraction of a GPU"):
         ex.start(RenderContext(ModelSpec("tiny"), None, (64, 64), 5.0))  # no GPU here, nor in CI
+
+
+def test_call_deadline_is_ten_medians_per_unit_at_least_the_floor_or_as_given():
+    from collections import deque
+
+    from apt_dist import ray_executor
+    from apt_dist.ray_executor import CALL_TIMEOUT_FLOOR_S, RayExecutor
+
+    assert cli.DEFAULT_CALL_TIMEOUT_FLOOR_S == CALL_TIMEOUT_FLOOR_S  # the help text's number
+    ex = RayExecutor(num_workers=1)  # not started: no Ray
+    assert ex.call_deadline_s("timestep", 3) == 3 * CALL_TIMEOUT_FLOOR_S  # nothing measured yet
+    ex._unit_s["timestep"] = deque([1.0, 2.0, 30.0])
+    assert ex.call_deadline_s("timestep", 4) == 10 * 2.0 * 4  # the median, not the mean
+    assert ex.call_deadline_s("timestep", 1) == CALL_TIMEOUT_FLOOR_S
+    assert ex.call_deadline_s("decode", 1) == CALL_TIMEOUT_FLOOR_S  # per kind
+    assert RayExecutor(num_workers=1, call_timeout_s=2.5).call_deadline_s("timestep", 100) == 2.5
+    assert ray_executor.CALL_TIMEOUT_FACTOR == 10
