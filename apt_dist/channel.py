@@ -21,7 +21,6 @@ import struct
 import threading
 import traceback
 from collections import deque
-from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from multiprocessing.connection import wait as _wait_connections
 

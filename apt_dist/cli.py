@@ -230,7 +230,7 @@ def _render(config: RenderConfig, ns) -> int:
     except Exception as e:
         raise RuntimeFailure(f"could not write {ns.out} ({type(e).__name__}: {e}); {_keep_result(result, ns)}") from e
     print(
-        f"done in {result.seconds:.1f} s: {len(result.phases)} phases to {config.width}x{config.height}, "
+        f"done in {result.seconds:.1f} s: {len(result.plan.phases)} phases to {config.width}x{config.height}, "
         f"{result.patch_evals} UNet patch evaluations (x2 guidance branches), wrote {paths[0]}"
         + (f" and {len(paths) - 1} phase images" if len(paths) > 1 else "")
         + (f" (resumed after phase {result.resumed_phases} from {ns.checkpoint})" if result.resumed_phases else "")
@@ -250,14 +250,16 @@ def _keep_result(result, ns) -> str:
     out = Path(ns.out)
     places = [Path(ns.checkpoint)] if ns.checkpoint else []
     places += [out.with_name(out.name + ".ckpt"), Path(tempfile.gettempdir()) / (out.name + ".ckpt")]
+    failures = []
     for place in places:
         try:
             ckpt.save(place, result.config, result.phase_latents, result.generator_state)
-        except Exception:
+        except (OSError, RuntimeError) as e:  # torch.save's errors are RuntimeErrors
+            failures.append(f"{place}: {type(e).__name__}")
             continue
         return (f"the rendered latents are saved in {place}: run again with --checkpoint {place} "
                 "(and an --out that can be written) to write the image without rendering again")
-    return "saving the rendered latents as a checkpoint failed too (" + ", ".join(map(str, places)) + ")"
+    return "saving the rendered latents as a checkpoint failed too (" + ", ".join(failures) + ")"
 
 
 def _executor_from_args(ns):

@@ -124,7 +124,8 @@ def write_result(result, out: str | os.PathLike) -> list[Path]:
     from . import __version__
 
     cfg = result.config
-    extra = {"apt_dist_version": __version__, "phases": [f"{p.width}x{p.height}" for p in result.phases]}
+    # Every phase of the plan: a resumed render's too, not only the phases it rendered itself.
+    extra = {"apt_dist_version": __version__, "phases": [f"{p.width}x{p.height}" for p in result.plan.phases]}
     info = png_metadata(cfg.prompt, cfg.seed, cfg.to_json(), extra)
     out = Path(out)
     paths = [save_png_atomic(result.image, out, info)]

@@ -30,10 +30,10 @@ import dataclasses
 import functools
 import logging
 import os
-import signal
-import statistics
 import shutil
+import signal
 import socket
+import statistics
 import tempfile
 import time
 import warnings
@@ -47,7 +47,6 @@ import torch
 from . import channel, shared_memory
 from .executor import DeferredPatches, Executor, RenderContext, WorkUnit, patch_shapes
 from .worker import ContextMissing, UNetWorker
-
 
 log = logging.getLogger("apt_dist")
 

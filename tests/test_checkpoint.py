@@ -1,10 +1,16 @@
 """Phase checkpoints: a render that dies resumes after its last finished phase, with the same image."""
 
+import hashlib
+import json
+import os
+import zipfile
+
 import pytest
 import torch
 from helpers import small_config
 
-from apt_dist import render
+from apt_dist import checkpoint as ckpt
+from apt_dist import cli, models, render, sampler
 from apt_dist.config import ConfigError
 from apt_dist.executor import InProcessExecutor
 
@@ -63,13 +69,6 @@ def test_garbage_checkpoint_is_a_clear_error(tmp_path, executor):
 
 
 # ---- untrusted checkpoints: every tampering is refused with exit 2, one line, and the file left as it was ----
-
-import hashlib  # noqa: E402
-import os  # noqa: E402
-import zipfile  # noqa: E402
-
-from apt_dist import checkpoint as ckpt  # noqa: E402
-from apt_dist import cli, models, sampler  # noqa: E402
 
 ARGS = ["render", "--prompt", "a red lighthouse on a cliff", "--width", "384", "--height", "288", "--seed", "7",
         "--steps", "6", "--shortcut-steps", "4", "--no-progress"]
@@ -285,6 +284,7 @@ def test_an_image_that_cannot_be_written_is_kept_and_written_by_the_next_run_wit
     from PIL import Image
 
     assert Image.open(out).tobytes() == whole.image.tobytes()
+    assert json.loads(Image.open(out).text["phases"]) == ["128x96", "256x192", "384x288"]  # resumed ones too
     assert os.path.exists(kept)
 
 

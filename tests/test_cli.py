@@ -166,7 +166,6 @@ def test_atomic_writes_get_the_permissions_of_a_new_file_and_leave_nothing_on_fa
 def test_address_problem_says_in_seconds_that_no_cluster_answers(monkeypatch, tmp_path):
     import socket
 
-    from apt_dist import ray_executor
     from apt_dist.ray_executor import address_problem
 
     with socket.socket() as listening:
