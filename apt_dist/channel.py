@@ -16,12 +16,50 @@ worker that dies closes its end: every call still pending on it fails with
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import threading
 import traceback
 from collections import deque
-from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Listener
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from multiprocessing.connection import wait as _wait_connections
+
+# The authkey handshake, on either side, must be over within this; a peer that connects and then says
+# nothing (or garbage) is dropped, and neither the worker's listener nor the driver waits for it for ever.
+HANDSHAKE_TIMEOUT_S = 10.0
+# Once connected, a message that has begun arriving must finish within this (a peer stopped mid-message).
+IO_TIMEOUT_S = 30.0
+
+
+def _set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Kernel-level send/receive timeouts (SO_RCVTIMEO, SO_SNDTIMEO): the socket stays blocking for
+    multiprocessing's reads and writes, which fail with an OSError once a wait passes `seconds` (0: none)."""
+    sec = int(seconds)
+    tv = struct.pack("ll", sec, int((seconds - sec) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def _handshake(sock: socket.socket, authkey: bytes, server: bool, timeout_s: float) -> Connection:
+    """The authkey challenge both ways (as multiprocessing's Listener and Client do), within `timeout_s`.
+
+    Afterwards the worker (server) waits for its driver's next call for as long as it takes; the driver
+    reads only once a reply is arriving, so its reads and writes get IO_TIMEOUT_S."""
+    _set_timeouts(sock, timeout_s)
+    conn = Connection(sock.detach())
+    try:
+        if server:
+            deliver_challenge(conn, authkey)
+            answer_challenge(conn, authkey)
+        else:
+            answer_challenge(conn, authkey)
+            deliver_challenge(conn, authkey)
+        with socket.socket(fileno=os.dup(conn.fileno())) as s:  # a view of the same socket, to reset its timeouts
+            _set_timeouts(s, 0.0 if server else IO_TIMEOUT_S)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 class ChannelClosed(ConnectionError):
@@ -35,26 +73,32 @@ class RemoteError(RuntimeError):
 # ---- worker side -----------------------------------------------------------------------------------
 
 
-def serve(address: str, authkey: bytes, handle) -> threading.Thread:
+def serve(address: str, authkey: bytes, handle, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> threading.Thread:
     """Listen on `address`, accept one connection, and answer each message `m` with `handle(*m)`, in order.
 
     Binds before returning (the driver can connect as soon as this returns); the rest runs in
-    a daemon thread that ends when the driver closes its end.
+    a daemon thread that ends when the driver closes its end. A peer that fails the authkey
+    handshake (closes, sends garbage, or says nothing for `handshake_timeout_s`) is dropped and
+    the listener goes on waiting for the driver.
     """
     if os.path.exists(address):  # left by an earlier process of this worker
         os.unlink(address)
-    listener = Listener(address, family="AF_UNIX", authkey=authkey)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen(8)
 
     def loop():
         with listener:
             while True:
                 try:
-                    conn = listener.accept()
-                    break
-                except AuthenticationError:  # not our driver: keep waiting for it
-                    continue
+                    sock, _ = listener.accept()
                 except OSError:
                     return
+                try:
+                    conn = _handshake(sock, authkey, server=True, timeout_s=handshake_timeout_s)
+                    break
+                except Exception:  # not our driver (closed, garbage, silence, a wrong key): wait for it
+                    continue
         with conn:
             while True:
                 try:
@@ -109,9 +153,22 @@ class Call:
 class Channel:
     """The driver's end of one worker's socket."""
 
-    def __init__(self, address: str, authkey: bytes, name: str = "worker"):
+    def __init__(self, address: str, authkey: bytes, name: str = "worker", timeout_s: float = 2 * HANDSHAKE_TIMEOUT_S):
+        """Connect and authenticate within `timeout_s` (an OSError otherwise: the worker is called through Ray).
+        The default outlasts the worker's handshake timeout, in case a stray peer holds its listener first."""
         self.name = name
-        self.conn = Client(address, family="AF_UNIX", authkey=authkey)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout_s)
+            sock.connect(address)
+            sock.settimeout(None)
+            try:
+                self.conn = _handshake(sock, authkey, server=False, timeout_s=timeout_s)
+            except EOFError:
+                raise OSError(f"{name} hung up during the handshake") from None
+        finally:
+            if sock.fileno() != -1:
+                sock.close()
         self.pending: deque[Call] = deque()
         self.closed: ChannelClosed | None = None
 

@@ -12,9 +12,12 @@ import dataclasses
 import json
 import shlex
 import sys
+import traceback
 import typing
 
 from .config import ConfigError, RenderConfig, parse_eta
+
+DEFAULT_CALL_TIMEOUT_FLOOR_S = 60.0  # ray_executor.CALL_TIMEOUT_FLOOR_S (not imported: keeps --help light)
 
 OPTION_NAMES = {"guidance_scale": "--guidance", "loras": "--lora"}
 HELP = {
@@ -93,13 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(r)
     r.add_argument("--out", default="apt-dist.png", help="output PNG path (written atomically)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    r.add_argument("--debug", action="store_true", help="show the traceback of a failure instead of one line")
     r.add_argument("--driver-threads", type=int, default=None,
                    help="torch threads of this process: the driver's tensor work, and without --workers the UNet's too "
                         "(default: torch's own, one per core). With GPU workers on a many-core head node, 4 made the "
                         "driver faster (README). CPU reductions, so an image's last bits, depend on thread counts")
     r.add_argument("--checkpoint", default=None,
-                   help="write the render's state here after every phase; if it exists (same settings), resume from it")
+                   help="write the render's state here after every phase (and within a phase, see --checkpoint-every); "
+                        "if it exists (same settings, checked in full), resume from it")
+    r.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds of work between two checkpoints within a phase (default 60)")
+    r.add_argument("--restart", action="store_true",
+                   help="ignore an existing --checkpoint and render from the start (it is overwritten as the render goes)")
     g = r.add_argument_group("distributed (Ray)")
     g.add_argument("--workers", type=int, default=None, help="render on N Ray workers, one UNet replica each")
     g.add_argument("--address", default=None,
@@ -110,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the placement group spreads workers over nodes")
     g.add_argument("--placement-timeout", type=float, default=120.0, help="seconds to wait for the cluster to provide every worker")
     g.add_argument("--max-restarts", type=int, default=2, help="times Ray may restart a dead worker")
+    g.add_argument("--call-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a worker call without a reply for this long counts as a hung worker: its work is re-queued and "
+                        "the worker is killed and restarted through Ray (default: 10 x the median time of recent calls "
+                        f"for as much work, at least {DEFAULT_CALL_TIMEOUT_FLOOR_S:g} s)")
+    g.add_argument("--worker-return-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long a lost worker may take to come back (restarted by Ray) before it counts as gone for "
+                        "good (default 300)")
+
+    r.add_argument("--debug", action="store_true", help="print the traceback of a runtime failure")
 
     pl = sub.add_parser("plan", help="print the plan of a render (phases, patches, UNet evaluations); loads no model")
     _add_config_options(pl)
@@ -134,32 +150,46 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        config = config_from_args(ns).validate()
-        _set_driver_threads(getattr(ns, "driver_threads", None))
-        if ns.command == "render":
-            return _render(config, ns)
-        if ns.command == "plan":
-            return _plan(config, ns)
-        if ns.command == "bench":
-            from . import bench
-
-            names = {f.name for f in dataclasses.fields(RenderConfig)}
-            command = "apt-dist " + shlex.join(sys.argv[1:] if argv is None else argv)
-            return bench.run(ns.what, {k: v for k, v in vars(ns).items() if k in names}, ns, command)
+        return _main(ns, argv)
     except ConfigError as e:
         print(f"apt-dist {ns.command}: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        if getattr(ns, "debug", False) or ns.command == "bench":
-            raise
+    except Exception as e:  # a runtime failure: one line, the traceback with --debug
         from .loading import ModelLoadError
 
-        if isinstance(e, ModelLoadError):
-            print(f"apt-dist {ns.command}: error: {e}", file=sys.stderr)
-            return e.exit_code
-        text = " ".join(str(e).split())
-        print(f"apt-dist {ns.command}: error: {type(e).__name__}: {text} (--debug shows where)", file=sys.stderr)
-        return 1
+        if getattr(ns, "debug", False):
+            traceback.print_exc()
+        print(f"apt-dist {ns.command}: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code if isinstance(e, ModelLoadError) else 1
+
+
+def _one_line(e: BaseException) -> str:
+    from .loading import ModelLoadError
+    from .ray_executor import ClusterError
+    from .sampler import RenderError
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    worded = (RenderError, ClusterError, ModelLoadError, RuntimeFailure)
+    return text if isinstance(e, worded) else f"{type(e).__name__}: {text}"
+
+
+class RuntimeFailure(RuntimeError):
+    """A failure after the input was accepted, already worded for the user."""
+
+
+def _main(ns, argv) -> int:
+    config = config_from_args(ns).validate()
+    _set_driver_threads(getattr(ns, "driver_threads", None))
+    if ns.command == "render":
+        return _render(config, ns)
+    if ns.command == "plan":
+        return _plan(config, ns)
+    if ns.command == "bench":
+        from . import bench
+
+        names = {f.name for f in dataclasses.fields(RenderConfig)}
+        command = "apt-dist " + shlex.join(sys.argv[1:] if argv is None else argv)
+        return bench.run(ns.what, {k: v for k, v in vars(ns).items() if k in names}, ns, command)
     return 0
 
 
@@ -180,48 +210,70 @@ def _render(config: RenderConfig, ns) -> int:
     if problem:
         raise ConfigError("--out", problem)
     if ns.checkpoint:
-        from .checkpoint import load
         from .outputs import check_writable_file
 
         problem = check_writable_file(ns.checkpoint)
         if problem:
             raise ConfigError("--checkpoint", problem)
-        load(ns.checkpoint, config)  # a checkpoint of another render is refused here, before any work
+    if not (ns.checkpoint_every > 0 and ns.checkpoint_every < float("inf")):
+        raise ConfigError("--checkpoint-every", f"must be a number of seconds > 0, got {ns.checkpoint_every}")
+    executor = _executor_from_args(ns)  # checks its options; starts nothing yet
 
-    executor = _executor_from_args(ns)
-
+    from . import checkpoint as ckpt
+    from .cleanup import remove_stale_files
     from .loading import prepare
     from .plan import build_plan
-    from .sampler import RenderError, render
+    from .sampler import render
 
     _, info, _, _ = prepare(config)  # the model's files and configs checked before any weights load
-    build_plan(config, info.native_window, info.vae_scale, info.scheduler)  # model-dependent checks, still before any weights
+    # Model-dependent checks (steps, sizes), still before any weights.
+    plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels)
+    if ns.checkpoint and not ns.restart:  # a checkpoint that cannot be trusted is refused here, before any work
+        ckpt.load(ns.checkpoint, config, plan, info.latent_channels)
+    remove_stale_files()  # what drivers killed on this node left behind
     try:
-        result = render(config, executor=executor, progress=not ns.no_progress, checkpoint=ns.checkpoint)
-    except RenderError as e:
-        print(f"apt-dist render: error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:
-        from .ray_executor import ClusterError
-
-        if isinstance(e, ClusterError):
-            print(f"apt-dist render: error: {e}", file=sys.stderr)
-            return 1
-        raise
+        result = render(config, executor=executor, progress=not ns.no_progress, checkpoint=ns.checkpoint,
+                        checkpoint_every_s=ns.checkpoint_every, restart=ns.restart)
     finally:
         if executor is not None:
             executor.close()
     from .outputs import write_result
 
-    paths = write_result(result, ns.out)
+    try:
+        paths = write_result(result, ns.out)
+    except Exception as e:
+        raise RuntimeFailure(f"could not write {ns.out} ({type(e).__name__}: {e}); {_keep_result(result, ns)}") from e
     print(
-        f"done in {result.seconds:.1f} s: {len(result.phases)} phases to {config.width}x{config.height}, "
+        f"done in {result.seconds:.1f} s: {len(result.plan.phases)} phases to {config.width}x{config.height}, "
         f"{result.patch_evals} UNet patch evaluations (x2 guidance branches), wrote {paths[0]}"
         + (f" and {len(paths) - 1} phase images" if len(paths) > 1 else "")
         + (f" (resumed after phase {result.resumed_phases} from {ns.checkpoint})" if result.resumed_phases else "")
     )
     _print_workers(result.executor_summary)
     return 0
+
+
+def _keep_result(result, ns) -> str:
+    """Save a finished render whose image could not be written as a checkpoint (every phase: decode only on
+    resume), at --checkpoint, else beside the output, else in the temp folder; says where and how to resume."""
+    import tempfile
+    from pathlib import Path
+
+    from . import checkpoint as ckpt
+
+    out = Path(ns.out)
+    places = [Path(ns.checkpoint)] if ns.checkpoint else []
+    places += [out.with_name(out.name + ".ckpt"), Path(tempfile.gettempdir()) / (out.name + ".ckpt")]
+    failures = []
+    for place in places:
+        try:
+            ckpt.save(place, result.config, result.phase_latents, result.generator_state)
+        except (OSError, RuntimeError) as e:  # torch.save's errors are RuntimeErrors
+            failures.append(f"{place}: {type(e).__name__}")
+            continue
+        return (f"the rendered latents are saved in {place}: run again with --checkpoint {place} "
+                "(and an --out that can be written) to write the image without rendering again")
+    return "saving the rendered latents as a checkpoint failed too (" + ", ".join(failures) + ")"
 
 
 def _executor_from_args(ns):
@@ -239,6 +291,10 @@ def _executor_from_args(ns):
         raise ConfigError("--placement-timeout", f"must be > 0 seconds, got {ns.placement_timeout}")
     if ns.max_restarts < 0:
         raise ConfigError("--max-restarts", f"must be >= 0, got {ns.max_restarts}")
+    if ns.call_timeout is not None and not 0 < ns.call_timeout < float("inf"):
+        raise ConfigError("--call-timeout", f"must be a number of seconds > 0, got {ns.call_timeout}")
+    if not 0 < ns.worker_return_timeout < float("inf"):
+        raise ConfigError("--worker-return-timeout", f"must be a number of seconds > 0, got {ns.worker_return_timeout}")
     from .ray_executor import RayExecutor, address_problem
 
     problem = address_problem(ns.address)
@@ -253,6 +309,8 @@ def _executor_from_args(ns):
         placement_strategy=ns.placement_strategy,
         placement_timeout_s=ns.placement_timeout,
         max_restarts=ns.max_restarts,
+        call_timeout_s=ns.call_timeout,
+        worker_timeout_s=ns.worker_return_timeout,
     )
 
 

@@ -111,6 +111,11 @@ class RenderConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % 8:
                 raise ConfigError(f"--{name}", f"must be a positive multiple of 8 pixels, got {v!r}")
         _int_at_least("--steps", self.steps, 1)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError("--seed", f"must be an integer in 0..2**64-1 ({MAX_SEED}), got {self.seed!r}")
+        problem = device_problem(self.device)
+        if problem:
+            raise ConfigError("--device", problem)
         _choice("--method", self.method, METHODS)
         _choice("--scheduler", self.scheduler, SCHEDULERS)
         _choice("--sm-stats", self.sm_stats, SM_STATS)
@@ -180,10 +185,18 @@ class RenderConfig:
         except ValueError as e:
             raise ConfigError("--lora", str(e)) from None
 
-    def validate_for_model(self, native: int) -> None:
-        """Checks that need the model's native window (in latents)."""
+    def validate_for_model(self, native: int, num_train_timesteps: int = 1000) -> None:
+        """Checks that need the model: its native window (in latents) and its training timesteps.
+
+        Sizes are bounded in `plan.check_bounds`, which build_plan runs first.
+        """
         if self.stride is not None and self.stride > native:
             raise ConfigError("--stride", f"must be at most the native window of {native} latents, got {self.stride}")
+        # Leading spacing with offset 1 (SDXL's): N steps start at (N - 1) * (T // N) + 1, which must be < T.
+        most = num_train_timesteps - 1
+        if self.steps > most:
+            raise ConfigError("--steps", f"must be at most {most} for this model ({num_train_timesteps} training "
+                                         f"timesteps, leading spacing), got {self.steps}; allowed: 1..{most}")
 
     # ---- (de)serialisation -------------------------------------------------------
     def to_dict(self) -> dict:
@@ -213,6 +226,27 @@ class RenderConfig:
         if "eta" in d:
             d["eta"] = {int(k): float(v) for k, v in d["eta"].items()}
         return cls(**d)
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0..2**64-1
+
+
+def device_problem(device) -> str | None:
+    """Why `device` is not one of auto, cpu, cuda, cuda:N on this machine, or None when it is."""
+    import re
+
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", device):
+        return f"unknown device {device!r}; allowed: auto, cpu, cuda, cuda:N"
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"{device!r} is not available: this machine has no CUDA device (torch sees none); use cpu or auto"
+    n = torch.cuda.device_count()
+    if ":" in device and int(device.split(":")[1]) >= n:
+        return f"{device!r} is not available: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}"
+    return None
 
 
 def parse_eta(text: str) -> dict[int, float]:

@@ -36,7 +36,7 @@ def write_atomic(path: str | os.PathLike, write) -> Path:
     permissions of any newly created file (0666 less the umask), not mkstemp's private 0600.
     """
     path = Path(path)
-    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")  # the pid: see remove_stale_temps
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
     try:
         with os.fdopen(fd, "wb") as f:
@@ -49,6 +49,48 @@ def write_atomic(path: str | os.PathLike, write) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files beside `path` that write_atomic left in a process that is gone (killed mid-write).
+
+    Only this user's files, and only those whose writer (the pid in the name) no longer runs.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    head = f".{path.name}."
+    for name in names:
+        if not (name.startswith(head) and name.endswith(".tmp")):
+            continue
+        pid = name[len(head):-4].split("-", 1)[0]
+        f = parent / name
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        try:
+            if f.lstat().st_uid == os.getuid() and f.is_file():
+                f.unlink()
+                removed.append(f)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (someone else's counts as running)."""
+    if pid <= 0:
+        return True  # not a pid we can judge: leave its files alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def save_png_atomic(image: Image.Image, path: str | os.PathLike, pnginfo: PngImagePlugin.PngInfo | None = None) -> Path:
@@ -82,7 +124,8 @@ def write_result(result, out: str | os.PathLike) -> list[Path]:
     from . import __version__
 
     cfg = result.config
-    extra = {"apt_dist_version": __version__, "phases": [f"{p.width}x{p.height}" for p in result.phases],
+    # Every phase of the plan: a resumed render's too, not only the phases it rendered itself.
+    extra = {"apt_dist_version": __version__, "phases": [f"{p.width}x{p.height}" for p in result.plan.phases],
              "scheduler": result.plan.scheduler}  # what --scheduler auto resolved to
     info = png_metadata(cfg.prompt, cfg.seed, cfg.to_json(), extra)
     out = Path(out)

@@ -7,6 +7,7 @@ counts the executor sees (tested).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 
 from . import schedules as S
@@ -107,10 +108,60 @@ def phase_schedule(config: RenderConfig, scheduler: S.SchedulerConfig, eta: floa
     return S.make_schedule(kind, config.steps, scheduler, eta)
 
 
-def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.SchedulerConfig | None = None) -> Plan:
+# Size bounds, checked arithmetically before a plan is built (a plan's cost grows with its patches).
+MAX_PHASES = 64  # SDXL: 65536 px on the long side; the paper's largest posters are 16 phases
+MAX_PATCHES_PER_STEP = 65536  # local windows + dilated sub-lattices of one step
+DRIVER_LATENT_COPIES = 16  # latent-sized float32 buffers the driver holds in the last phase (x, padded, noise, ...)
+
+
+def driver_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _axis_count(length: int, window: int, stride: int) -> int:  # geometry._axis_positions' count, without the list
+    return 1 if length <= window else int((length - window) / stride - 1e-6) + 2
+
+
+def check_bounds(config: RenderConfig, native: int, vae_scale: int, latent_channels: int = 4) -> None:
+    """Refuse, before any work, a size the renderer cannot serve: a side below the native window in a
+    multi-phase render, too many phases or patches, or a latent that would not fit this machine's memory.
+    Counts come from arithmetic alone, so this is cheap for any size."""
+    h, w = config.height // vae_scale, config.width // vae_scale
+    long, short = max(h, w), min(h, w)
+    big, small = ("--width", "--height") if w >= h else ("--height", "--width")
+    px = native * vae_scale
+    if long > native and short < native:
+        # Phase 1 would be narrower than the model's window (a 2048x8 poster has a 1-latent side): each side is
+        # at least the window, or the whole render is one phase at its own size.
+        raise ConfigError(small, f"must be at least the model's native window of {px} px when the other side is "
+                                 f"larger than it (a multi-phase render), got {min(config.width, config.height)}; "
+                                 f"allowed: >= {px}, or both sides <= {px} (one phase)")
+    phases = 1 if long <= native else max(2, round(long / native))
+    if phases > MAX_PHASES:
+        raise ConfigError(big, f"{config.width}x{config.height} would take {phases} phases; at most {MAX_PHASES} "
+                               f"(a long side of about {MAX_PHASES * px} px for this model)")
+    stride = config.stride or native // 2
+    d = max(1, round(long / native)) if phases > 1 else 0
+    patches = _axis_count(h, min(native, h), stride) * _axis_count(w, min(native, w), stride) + d * d
+    if patches > MAX_PATCHES_PER_STEP:
+        raise ConfigError(big if config.stride is None else "--stride",
+                          f"{config.width}x{config.height} with a stride of {stride} latents needs {patches} patches "
+                          f"per step; at most {MAX_PATCHES_PER_STEP} (a larger --stride, or a smaller size)")
+    need = DRIVER_LATENT_COPIES * latent_channels * h * w * 4
+    have = driver_memory_bytes()
+    if need > have:
+        raise ConfigError(big, f"{config.width}x{config.height} needs about {need / 2**30:.1f} GiB of driver memory for "
+                               f"its latents ({DRIVER_LATENT_COPIES} float32 copies of {latent_channels}x{h}x{w}); "
+                               f"this machine has {have / 2**30:.1f} GiB")
+
+
+def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.SchedulerConfig | None = None,
+               latent_channels: int = 4) -> Plan:
     """`scheduler`: the model's scheduler config (None: SDXL base's)."""
-    config.validate_for_model(native)
     scheduler = scheduler or S.SDXL_SCHEDULER
+    config.validate_for_model(native, scheduler.num_train_timesteps)
+    check_bounds(config, native, vae_scale, latent_channels)
     sched = phase_schedule(config, scheduler)
     stride = config.stride or native // 2
     shapes = phase_shapes(config.height // vae_scale, config.width // vae_scale, native)
@@ -157,4 +208,4 @@ def plan(config: RenderConfig) -> Plan:
 
     config.validate()
     info = model_info(model_source(config))
-    return build_plan(config, info.native_window, info.vae_scale, info.scheduler)
+    return build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels)

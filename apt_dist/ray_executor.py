@@ -28,14 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import shutil
+import signal
 import socket
+import statistics
 import tempfile
 import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
+from multiprocessing import AuthenticationError
 
 import numpy as np
 import torch
@@ -44,43 +48,58 @@ from . import channel, shared_memory
 from .executor import DeferredPatches, Executor, RenderContext, WorkUnit, patch_shapes
 from .worker import ContextMissing, UNetWorker
 
+log = logging.getLogger("apt_dist")
+
+# A call with no reply for this long (at least) counts as hung; see RayExecutor's call_timeout_s.
+CALL_TIMEOUT_FLOOR_S = 60.0
+CALL_TIMEOUT_FACTOR = 10.0  # x the median seconds per work unit of recent calls
+_RECENT_CALLS = 256  # calls the median is taken over, per kind (predict, decode, ...)
+
 
 class ClusterError(RuntimeError):
     """The cluster cannot run the render: placement failed, or no worker is left."""
 
 
-# Where `ray start --head` leaves the address that `address="auto"` joins; None: Ray's own rule
-# (ray_current_cluster in $RAY_TMPDIR/ray, else $TMPDIR/ray, else /tmp/ray).
-RAY_CURRENT_CLUSTER: str | None = None
+def resolve_auto_address(temp_dir: str | None = None) -> tuple[str, str]:
+    """(address, where it came from) for `address="auto"`, the way Ray resolves it, or ("", why not).
 
-
-def ray_current_cluster_file() -> str:
-    if RAY_CURRENT_CLUSTER:
-        return RAY_CURRENT_CLUSTER
+    RAY_ADDRESS first, then the `ray_current_cluster` file that `ray start` writes in Ray's temp
+    dir (`temp_dir`, else Ray's default: $RAY_TMPDIR, $TMPDIR or /tmp, then "ray"), read by Ray's own
+    functions. Unlike a bare ray.init("auto"), never falls back to any Ray process found running
+    on the machine, and refuses an address file written by another user.
+    """
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env:
+        return env, "auto: RAY_ADDRESS"
     from ray._common.utils import get_ray_address_file
 
-    return get_ray_address_file(None)
+    path = get_ray_address_file(temp_dir)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "", f"auto: no RAY_ADDRESS and no {path} (no `ray start` with this temp dir on this machine)"
+    if st.st_uid != os.getuid():
+        return "", f"auto: {path} belongs to another user; set RAY_ADDRESS or --address HOST:PORT"
+    from ray._private.utils import read_ray_address
+
+    return (read_ray_address(temp_dir) or ""), f"auto: the cluster last started on this machine, {path}"
 
 
-def address_problem(address: str | None, timeout_s: float = 5.0) -> str | None:
+def address_problem(address: str | None, timeout_s: float = 5.0, temp_dir: str | None = None) -> str | None:
     """Why `address` names no Ray cluster that answers, or None when it may.
 
     ray.init retries an address that does not answer for minutes; this says so in seconds,
-    before any work. None and "local" (a new local instance) are not checked, nor "auto" when
-    neither RAY_ADDRESS nor a `ray start` on this machine names a cluster: Ray itself says at once
-    that it finds none.
+    before any work. None and "local" (a new local instance) are not checked.
     """
     if address in (None, "local"):
         return None
     target, via = address, ""
     if address == "auto":
-        target = os.environ.get("RAY_ADDRESS", "")
-        via = " (auto: RAY_ADDRESS)"
-        current = ray_current_cluster_file()
-        if not target and os.path.isfile(current):
-            with open(current) as f:
-                target, via = f.read().strip(), f" (auto: the cluster last started on this machine, {current})"
-        if target in ("", "auto", "local"):
+        target, source = resolve_auto_address(temp_dir)
+        if not target:
+            return f"found no Ray cluster ({source})"
+        via = f" ({source})"
+        if target == "local":
             return None
     hostport = target.split("://", 1)[-1].rstrip("/")  # ray://HOST:PORT (Ray Client) too
     host, sep, port = hostport.rpartition(":")
@@ -111,6 +130,8 @@ class WorkerState:
     calls: int = 0
     busy_s: float = 0.0
     losses: int = 0
+    progress_at: float = 0.0  # when its last reply came (or its first call went out, if it was idle)
+    pending_units: int = 0  # work units in its calls in flight
 
 
 class RayExecutor(Executor):
@@ -135,6 +156,7 @@ class RayExecutor(Executor):
         placement_timeout_s: float = 120.0,
         worker_timeout_s: float = 300.0,
         max_restarts: int = 2,
+        call_timeout_s: float | None = None,
         shared_memory: bool = True,
         direct_calls: bool = True,
         simulate_seconds_per_patch: float | None = None,
@@ -152,7 +174,9 @@ class RayExecutor(Executor):
         self.cpus_per_worker = cpus_per_worker
         self.placement_strategy = placement_strategy
         self.placement_timeout_s = placement_timeout_s
-        self.worker_timeout_s = worker_timeout_s
+        self.worker_timeout_s = worker_timeout_s  # how long a lost worker may take to come back
+        self.call_timeout_s = call_timeout_s  # None: CALL_TIMEOUT_FACTOR x recent median, at least the floor
+        self._unit_s: dict[str, deque] = {}  # recent seconds per work unit, per kind of call
         self.max_restarts = max_restarts
         self.shared_memory = shared_memory
         self.direct_calls = direct_calls
@@ -177,9 +201,16 @@ class RayExecutor(Executor):
         import ray
 
         super().start(context)
+        from .cleanup import remove_stale_files
+
+        remove_stale_files()  # what drivers killed on this node left (shared memory, socket folders)
         if not ray.is_initialized():
             # No address: join the cluster of a Ray job (RAY_ADDRESS is set there), else start a local instance.
             address = self.address or (None if os.environ.get("RAY_ADDRESS") else "local")
+            if address == "auto":  # resolved here, so ray.init never falls back to another user's cluster
+                address, source = resolve_auto_address(self.ray_init_kwargs.get("_temp_dir"))
+                if not address:
+                    raise ClusterError(f"address 'auto': found no Ray cluster ({source})")
             problem = address_problem(address)
             if problem:
                 raise ClusterError(f"address {address!r}: {problem}")
@@ -300,7 +331,10 @@ class RayExecutor(Executor):
         if not self.direct_calls:
             return
         if self._channel_dir is None:
-            self._channel_dir = tempfile.mkdtemp(prefix="apt-dist-")  # 0700: only this user reaches the sockets
+            from .cleanup import socket_dir_prefix
+
+            # 0700: only this user reaches the sockets; the pid in the name lets a later driver remove it (cleanup.py)
+            self._channel_dir = tempfile.mkdtemp(prefix=socket_dir_prefix())
         todo = [w for w in local if w.shared and (w.channel is None or w.channel.closed)]
         addresses = [os.path.join(self._channel_dir, f"w{w.index}.{w.info.get('pid')}") for w in todo]
         opened = ray.get([w.handle.open_channel.remote(a, self._channel_key) for w, a in zip(todo, addresses)])
@@ -309,7 +343,7 @@ class RayExecutor(Executor):
                 if err:
                     raise OSError(err)
                 w.channel = channel.Channel(a, self._channel_key, name=f"worker {w.index}")
-            except OSError as e:
+            except (OSError, AuthenticationError) as e:
                 w.channel = None
                 self.stats.events.append(f"worker {w.index}: no direct channel ({e}); its calls go through Ray")
 
@@ -403,14 +437,19 @@ class RayExecutor(Executor):
 
         queue = deque(range(n))
         in_flight: dict = {}  # ref -> (worker, [item indices])
+        kind = what.split()[0]  # "timestep", "decode": calls of one kind take alike per unit
         while queue or in_flight:
             live = [w for w in self.workers if w.alive]
             idle = [w for w in live if w.in_flight == 0]
             if queue and idle:
                 for w, idx in _shares(queue, idle, ready):
                     in_flight[submit(w, idx)] = (w, idx)
+                    if w.in_flight == 0:
+                        w.progress_at = time.perf_counter()
                     w.in_flight += 1
+                    w.pending_units += len(idx)
             self._ping_lost_workers()
+            self._expire_hung_calls(in_flight, queue, kind, what)
             if not live and not in_flight and all(w.dead for w in self.workers):
                 raise ClusterError(
                     f"no live worker left during {what}: all {len(self.workers)} workers are gone "
@@ -420,8 +459,12 @@ class RayExecutor(Executor):
                 if ref in self._pings:
                     self._settle_ping(ref)
                     continue
+                if ref not in in_flight:  # a call of a worker already given up as hung
+                    continue
                 w, idx = in_flight.pop(ref)
                 w.in_flight -= 1
+                w.pending_units -= len(idx)
+                w.progress_at = time.perf_counter()
                 try:
                     outs, busy = ref.result() if isinstance(ref, channel.Call) else ray.get(ref)
                 except (ray.exceptions.RayActorError, channel.ChannelClosed) as e:
@@ -438,9 +481,55 @@ class RayExecutor(Executor):
                     queue.extendleft(reversed(idx))
                     continue
                 receive(idx, outs)
+                self._unit_s.setdefault(kind, deque(maxlen=_RECENT_CALLS)).append(busy / max(1, len(idx)))
                 w.calls += 1
                 w.busy_s += busy
                 w.patches += sum(weights[i] for i in idx)
+
+    def call_deadline_s(self, kind: str, units: int) -> float:
+        """Seconds a worker may go without a reply while `units` work units of `kind` are in its calls."""
+        if self.call_timeout_s is not None:
+            return self.call_timeout_s
+        recent = self._unit_s.get(kind)
+        if not recent:  # nothing measured yet: the floor for each unit
+            return CALL_TIMEOUT_FLOOR_S * max(1, units)
+        return max(CALL_TIMEOUT_FLOOR_S, CALL_TIMEOUT_FACTOR * statistics.median(recent) * max(1, units))
+
+    def _expire_hung_calls(self, in_flight: dict, queue: deque, kind: str, what: str) -> None:
+        """A worker with no reply within its deadline is hung (stopped, deadlocked, a stuck GPU): like a lost
+        worker, its calls' units go back to the queue, and it is killed through Ray, which restarts it."""
+        now = time.perf_counter()
+        for w in self.workers:
+            if not (w.alive and w.in_flight) or now - w.progress_at <= self.call_deadline_s(kind, w.pending_units):
+                continue
+            waited = now - w.progress_at
+            mine = [ref for ref, (v, _) in in_flight.items() if v is w]
+            idx = [i for ref in mine for i in in_flight.pop(ref)[1]]
+            queue.extendleft(reversed(idx))
+            w.in_flight, w.pending_units = 0, 0
+            message = (f"worker {w.index} (pid {w.info.get('pid')}, node {str(w.info.get('node_id'))[:8]}) sent no reply "
+                       f"for {waited:.1f} s during {what} (deadline {self.call_deadline_s(kind, len(idx)):.1f} s): "
+                       f"treated as lost, {len(idx)} work unit(s) re-queued, worker killed for Ray to restart")
+            log.warning("apt-dist: %s", message)
+            self._lost(w, TimeoutError(message), what, len(idx), quiet=True)
+            self.stats.events.append(message)
+            self._kill_hung(w)
+
+    def _kill_hung(self, w: WorkerState) -> None:
+        import ray
+
+        try:
+            ray.kill(w.handle, no_restart=False)  # Ray restarts it (within max_restarts); the ping finds it back
+        except Exception as e:
+            log.warning("apt-dist: ray.kill of hung worker %d failed: %s", w.index, e)
+        # A worker on this node writes its replies into the shared file: one stopped mid-call must never wake up
+        # and write a stale reply over a later step's, and Ray's kill goes through the (hung) process itself.
+        pid = w.info.get("pid")
+        if w.shared and isinstance(pid, int) and pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def _wait(self, keys: list) -> list:
         """Those of `keys` (Ray refs, channel calls) and of the pings that are done; the first within 0.5 s."""
@@ -448,6 +537,9 @@ class RayExecutor(Executor):
 
         calls = [k for k in keys if isinstance(k, channel.Call)]
         refs = [k for k in keys if not isinstance(k, channel.Call)] + list(self._pings)
+        if not calls and not refs:  # waiting for a lost worker's next ping: ray.wait([]) would return at once
+            time.sleep(0.05)
+            return []
         if not calls:
             return ray.wait(refs, num_returns=1, timeout=0.5)[0]
         if not refs:
@@ -455,7 +547,7 @@ class RayExecutor(Executor):
         # Both kinds in flight (workers on other nodes too, or a ping): poll both, 2 ms apart at most.
         return channel.wait(calls, timeout=0.002) + ray.wait(refs, num_returns=len(refs), timeout=0)[0]
 
-    def _lost(self, w: WorkerState, err: Exception, what: str, n: int) -> None:
+    def _lost(self, w: WorkerState, err: Exception, what: str, n: int, quiet: bool = False) -> None:
         if not w.alive:  # a second in-flight call of an already lost worker
             self.stats.events.append(f"worker {w.index}: {n} more work unit(s) re-queued")
             return
@@ -464,10 +556,11 @@ class RayExecutor(Executor):
             w.channel.close()
         w.losses += 1
         w.lost_at = w.next_ping = time.perf_counter()
-        self.stats.events.append(
-            f"worker {w.index} (pid {w.info.get('pid')}, node {str(w.info.get('node_id'))[:8]}) lost during {what}: "
-            f"{type(err).__name__}; {n} work unit(s) re-queued"
-        )
+        if not quiet:  # quiet: the caller reports it
+            self.stats.events.append(
+                f"worker {w.index} (pid {w.info.get('pid')}, node {str(w.info.get('node_id'))[:8]}) lost during {what}: "
+                f"{type(err).__name__}; {n} work unit(s) re-queued"
+            )
         if w.losses > self.max_restarts:
             w.dead = True
             self.stats.events.append(f"worker {w.index} is gone for good: it died {w.losses} time(s), max_restarts={self.max_restarts}")

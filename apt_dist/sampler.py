@@ -71,6 +71,8 @@ class RenderResult:
     phase_images: list = field(default_factory=list)
     executor_summary: dict = field(default_factory=dict)
     resumed_phases: int = 0  # phases taken from a checkpoint instead of rendered
+    phase_latents: list = field(default_factory=list)  # every phase's latent (a checkpoint of the finished render)
+    generator_state: torch.Tensor | None = None  # the generator after the last phase (idem)
 
 
 StepCallback = Callable[[int, int, int], None]  # (phase, step, timestep), after each step
@@ -83,22 +85,25 @@ def render(
     progress: bool = True,
     checkpoint: str | None = None,
     pipe=None,
+    checkpoint_every_s: float = 60.0,
+    restart: bool = False,
 ) -> RenderResult:
     """Render `config`. `executor` defaults to an in-process one on `config.device`.
 
-    With `checkpoint` (a file path), the state after each phase is written there, and a
-    render that finds a checkpoint of the same configuration resumes after its last phase.
-    `pipe`: a loaded diffusers StableDiffusionXLPipeline whose components are used in this
-    process instead of loading `config.model` (see loading.from_pipeline).
+    With `checkpoint` (a file path), the render's state is written there after each phase and
+    every `checkpoint_every_s` seconds of work inside a phase, and a render that finds a
+    checkpoint of the same configuration resumes from it (`restart=True`: ignores it, and
+    overwrites it as the render goes). `pipe`: a loaded diffusers StableDiffusionXLPipeline whose
+    components are used in this process instead of loading `config.model` (see loading.from_pipeline).
     """
     from . import checkpoint as ckpt
     from .loading import from_pipeline, prepare
 
     config.validate()
-    resume = ckpt.load(checkpoint, config) if checkpoint else None
     t_start = time.perf_counter()
     spec, info, encode, denoiser = from_pipeline(pipe, config, executor) if pipe is not None else prepare(config)
-    plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler)
+    plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels)
+    resume = ckpt.load(checkpoint, config, plan, info.latent_channels) if checkpoint and not restart else None
     embeds = encode(config.prompt, config.negative_prompt, config.seed)
 
     own = executor is None
@@ -108,6 +113,7 @@ def render(
             RenderContext(spec, embeds, (config.height, config.width), config.guidance_scale, config.view_batch_size, config.split_guidance)
         )
         sampler = _Sampler(config, plan, info, executor, callback, progress, checkpoint, resume)
+        sampler.checkpoint_every_s = checkpoint_every_s
         latent, phase_latents = sampler.run()
         t_dec = time.perf_counter()
         image = to_pil(decode(latent, executor, config, info))
@@ -131,6 +137,8 @@ def render(
         phase_images=phase_images,
         executor_summary=summary,
         resumed_phases=len(resume["latents"]) if resume else 0,
+        phase_latents=phase_latents,
+        generator_state=sampler.gen.get_state(),
     )
 
 
@@ -146,9 +154,13 @@ def decode(latent: torch.Tensor, executor: Executor, config: RenderConfig, info)
 class _Sampler:
     def __init__(self, config: RenderConfig, plan: Plan, info, executor: Executor, callback, progress: bool,
                  checkpoint: str | None = None, resume: dict | None = None):
+        from . import checkpoint as ckpt
+
         self.cfg, self.plan, self.info, self.ex = config, plan, info, executor
         self.callback, self.progress = callback, progress
         self.checkpoint, self.resume = checkpoint, resume
+        self.saver = ckpt.Saver(checkpoint) if checkpoint else None
+        self.checkpoint_every_s = 60.0  # in-phase checkpoints: seconds of work between two
         self.gen = torch.Generator().manual_seed(config.seed)
         self.stats: list[PhaseStats] = []
         self.bar = None  # one progress bar over every step of every phase
@@ -170,8 +182,6 @@ class _Sampler:
                 self.bar.close()
 
     def _run(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        from . import checkpoint as ckpt
-
         latents: list[torch.Tensor] = []
         x = ref = None
         if self.resume:  # phases already done: their latents and the generator as it was after them
@@ -187,7 +197,7 @@ class _Sampler:
                 x = self.upscale_phase(phase, x, ref)
             latents.append(x)
             if self.checkpoint:
-                ckpt.save(self.checkpoint, self.cfg, latents, self.gen)
+                self.saver.save(self.cfg, latents, self.gen)
             self.stats.append(
                 PhaseStats(phase.index, phase.width, phase.height, phase.steps, time.perf_counter() - t0,
                            self.ex.stats.seconds - ex0, self.ex.stats.patch_evals - ev0)

@@ -76,7 +76,7 @@ class SharedBuffer:
 
 
 def remove_stale(directory: str = SHM_DIR, prefix: str = "apt-dist") -> list[str]:
-    """Unlink files left by drivers that died without closing (their pid is gone); returns them."""
+    """Unlink this user's files left by drivers that died without closing (their pid is gone); returns them."""
     removed = []
     for name in os.listdir(directory):
         parts = name.split("-")
@@ -85,8 +85,11 @@ def remove_stale(directory: str = SHM_DIR, prefix: str = "apt-dist") -> list[str
         try:
             os.kill(int(parts[-2]), 0)  # raises if no such process
         except ProcessLookupError:
+            path = os.path.join(directory, name)
             try:
-                os.unlink(os.path.join(directory, name))
+                if os.lstat(path).st_uid != os.getuid():  # never another user's file
+                    continue
+                os.unlink(path)
                 removed.append(name)
             except FileNotFoundError:
                 pass

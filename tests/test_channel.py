@@ -122,3 +122,42 @@ def test_a_worker_that_dies_fails_its_pending_calls_and_later_ones(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_stray_peers_neither_kill_nor_block_the_listener(tmp_path):
+    """A peer that connects and closes, one that sends garbage, one that says nothing: the driver still gets in."""
+    import socket
+
+    a = _address(tmp_path)
+    thread = channel.serve(a, KEY, handler, handshake_timeout_s=1.0)
+    silent = socket.socket(socket.AF_UNIX)
+    try:
+        closes = socket.socket(socket.AF_UNIX)
+        closes.connect(a)
+        closes.close()
+        garbage = socket.socket(socket.AF_UNIX)
+        garbage.connect(a)
+        garbage.sendall(b"\xff" * 64)
+        silent.connect(a)  # holds the listener for its handshake timeout at most
+        t0 = time.monotonic()
+        ch = channel.Channel(a, KEY, timeout_s=10.0)
+        c = ch.call("sleep", 0.0)
+        assert channel.wait([c], timeout=5.0) == [c] and c.result() == 0.0
+        assert time.monotonic() - t0 < 5.0 and thread.is_alive()
+        garbage.close()
+        ch.close()
+    finally:
+        silent.close()
+
+
+def test_connecting_to_a_listener_that_never_answers_times_out(tmp_path):
+    import socket
+
+    a = _address(tmp_path)
+    with socket.socket(socket.AF_UNIX) as mute:
+        mute.bind(a)
+        mute.listen(1)  # accepts into the backlog, never handshakes
+        t0 = time.monotonic()
+        with pytest.raises(OSError):
+            channel.Channel(a, KEY, timeout_s=1.0)
+        assert time.monotonic() - t0 < 5.0

@@ -1,6 +1,7 @@
 """The command line: end to end, the plan, and every bad-input case (exit 2, one line, nothing loaded)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -50,7 +51,24 @@ BAD = [
     (["--driver-threads", "0"], "--driver-threads"),
     (["--address", "nohost"], "--address"),
     (["--address", "127.0.0.1:1", "--workers", "2"], "--address"),  # nothing listens: an error in seconds, not Ray's minutes
+    # Bounds (issue 16): each before any work.
+    (["--steps", "1000"], "--steps"),
+    (["--steps", "1001"], "--steps"),
+    (["--steps", "1000000000"], "--steps"),
+    (["--width", "1000000"], "--width"),
+    (["--width", "1000000", "--height", "1000000"], "--width"),
+    (["--width", "2048", "--height", "8"], "--height"),
+    (["--width", "4096", "--height", "4096", "--stride", "1"], "--stride"),
+    (["--seed", "18446744073709551616"], "--seed"),
+    (["--seed", "-1"], "--seed"),
+    (["--device", "quantum"], "--device"),
+    (["--device", "cuda:99"], "--device"),
+    (["--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--workers", "1", "--call-timeout", "0"], "--call-timeout"),
+    (["--workers", "1", "--worker-return-timeout", "-5"], "--worker-return-timeout"),
 ]
+if not __import__("torch").cuda.is_available():
+    BAD.append((["--device", "cuda"], "--device"))
 
 
 @pytest.mark.parametrize("args,option", BAD, ids=[" ".join(a) for a, _ in BAD])
@@ -63,7 +81,27 @@ def test_bad_input_exits_2_with_one_line_naming_the_option(args, option, capsys,
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert option in err and "error" in err
+    assert option in err and "error" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_latent_that_does_not_fit_the_drivers_memory_is_refused_naming_the_limit(capsys, no_models, tmp_path, monkeypatch):
+    from apt_dist import plan
+
+    monkeypatch.setattr(plan, "driver_memory_bytes", lambda: 2**27)
+    # The tiny model, 16 float32 copies of the latent: 2048x2048 (4x256x256) 16 MiB fits in 128 MiB; 8192x8192, 256 MiB.
+    assert cli.main(["plan", "--width", "2048", "--height", "2048"]) == 0
+    capsys.readouterr()
+    assert cli.main(["render", "--width", "8192", "--height", "8192", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--width" in err and "0.2 GiB of driver memory" in err and "has 0.1 GiB" in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_plan_of_an_absurd_size_is_refused_at_once():
+    t0 = __import__("time").monotonic()
+    assert cli.main(["plan", "--width", "1000000", "--height", "1000000"]) == 2
+    assert __import__("time").monotonic() - t0 < 5
 
 
 def test_plan_json_counts_at_4096():
@@ -146,7 +184,6 @@ def test_atomic_writes_get_the_permissions_of_a_new_file_and_leave_nothing_on_fa
 def test_address_problem_says_in_seconds_that_no_cluster_answers(monkeypatch, tmp_path):
     import socket
 
-    from apt_dist import ray_executor
     from apt_dist.ray_executor import address_problem
 
     with socket.socket() as listening:
@@ -160,13 +197,17 @@ def test_address_problem_says_in_seconds_that_no_cluster_answers(monkeypatch, tm
     for fine in (None, "local"):
         assert address_problem(fine) is None
     assert "must be auto or HOST:PORT" in address_problem("host:port")
-    # auto: RAY_ADDRESS first, else the cluster that `ray start` last left on this machine, else Ray's own error.
-    monkeypatch.setattr(ray_executor, "RAY_CURRENT_CLUSTER", str(tmp_path / "none"))
+    # auto: RAY_ADDRESS first, else the cluster that `ray start` last left in Ray's temp dir ($RAY_TMPDIR/ray here).
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert address_problem("auto") is None
-    (tmp_path / "current").write_text(f"127.0.0.1:{port}\n")
-    monkeypatch.setattr(ray_executor, "RAY_CURRENT_CLUSTER", str(tmp_path / "current"))
-    assert "auto: the cluster last started on this machine" in address_problem("auto")
+    assert "found no Ray cluster" in address_problem("auto") and str(tmp_path / "ray") in address_problem("auto")
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+    assert f"auto: the cluster last started on this machine, {tmp_path / 'ray'}" in address_problem("auto")
+    # ...or in the temp dir given to Ray (ray.init's _temp_dir).
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+    assert str(tmp_path / "other") in address_problem("auto", temp_dir=str(tmp_path / "other"))
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     assert "auto: RAY_ADDRESS" in address_problem("auto")
 
@@ -175,14 +216,11 @@ def test_address_auto_reads_the_cluster_file_where_ray_start_writes_it(monkeypat
     """Ray keeps ray_current_cluster in $RAY_TMPDIR or $TMPDIR when set (a private temp dir), not /tmp/ray."""
     import socket
 
-    from apt_dist import ray_executor
-    from apt_dist.ray_executor import address_problem, ray_current_cluster_file
+    from apt_dist.ray_executor import address_problem
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_TMPDIR", raising=False)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    assert ray_executor.RAY_CURRENT_CLUSTER is None
-    assert ray_current_cluster_file() == str(tmp_path / "ray" / "ray_current_cluster")
     (tmp_path / "ray").mkdir()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -190,8 +228,17 @@ def test_address_auto_reads_the_cluster_file_where_ray_start_writes_it(monkeypat
     (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
     assert f"127.0.0.1:{port} (auto: the cluster last started on this machine, {tmp_path}" in address_problem("auto")
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "other"))  # Ray's own variable comes first
-    assert ray_current_cluster_file() == str(tmp_path / "other" / "ray" / "ray_current_cluster")
-    assert address_problem("auto") is None
+    assert "found no Ray cluster" in address_problem("auto")
+
+
+def test_auto_address_refuses_an_address_file_of_another_user(monkeypatch, tmp_path):
+    from apt_dist import ray_executor
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "ray_current_cluster").write_text("127.0.0.1:6379\n")
+    monkeypatch.setattr(ray_executor.os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    address, why = ray_executor.resolve_auto_address(str(tmp_path))
+    assert address == "" and "another user" in why
 
 
 def test_ray_executor_with_an_address_that_does_not_answer_fails_before_ray_init():
@@ -231,3 +278,20 @@ def test_more_workers_than_a_local_ray_instance_can_hold_fail_at_once_not_after_
     with RayExecutor(num_workers=1, gpus_per_worker=1) as ex, \
             pytest.raises(ClusterError, match=r"1 GPU \(this machine has 0\)\. Use fewer workers, a fraction of a GPU"):
         ex.start(RenderContext(ModelSpec("tiny"), None, (64, 64), 5.0))  # no GPU here, nor in CI
+
+
+def test_call_deadline_is_ten_medians_per_unit_at_least_the_floor_or_as_given():
+    from collections import deque
+
+    from apt_dist import ray_executor
+    from apt_dist.ray_executor import CALL_TIMEOUT_FLOOR_S, RayExecutor
+
+    assert cli.DEFAULT_CALL_TIMEOUT_FLOOR_S == CALL_TIMEOUT_FLOOR_S  # the help text's number
+    ex = RayExecutor(num_workers=1)  # not started: no Ray
+    assert ex.call_deadline_s("timestep", 3) == 3 * CALL_TIMEOUT_FLOOR_S  # nothing measured yet
+    ex._unit_s["timestep"] = deque([1.0, 2.0, 30.0])
+    assert ex.call_deadline_s("timestep", 4) == 10 * 2.0 * 4  # the median, not the mean
+    assert ex.call_deadline_s("timestep", 1) == CALL_TIMEOUT_FLOOR_S
+    assert ex.call_deadline_s("decode", 1) == CALL_TIMEOUT_FLOOR_S  # per kind
+    assert RayExecutor(num_workers=1, call_timeout_s=2.5).call_deadline_s("timestep", 100) == 2.5
+    assert ray_executor.CALL_TIMEOUT_FACTOR == 10
