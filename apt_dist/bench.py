@@ -224,7 +224,7 @@ def bench_scaling(config: RenderConfig, workers: list[int], seconds_per_patch: f
     share of every run, which the barrier bound leaves out), then one RayExecutor per worker count on one
     Ray instance.
     """
-    from .plan import plan
+    from .planning import plan
     from .ray_executor import RayExecutor
 
     p = plan(config)

@@ -169,7 +169,7 @@ def _render(config: RenderConfig, ns) -> int:
     executor = _executor_from_args(ns)
 
     from .models import ModelSpec, model_info
-    from .plan import build_plan
+    from .planning import build_plan
     from .sampler import RenderError, render
 
     info = model_info(ModelSpec(config.model, config.dtype, config.device))
@@ -246,7 +246,7 @@ def _print_workers(summary: dict) -> None:
 
 
 def _plan(config: RenderConfig, ns) -> int:
-    from .plan import plan
+    from .planning import plan
 
     p = plan(config)
     d = p.to_dict()

@@ -35,7 +35,7 @@ from .fusion import Fusion, WindowAverage
 from .geometry import WindowViews, crop_pixels, gaussian_blur, jitter_range, lattice_offsets, local_windows, row_bands
 from .matching import ReferenceStats, standardize_to, statistical_matching
 from .outputs import to_pil
-from .plan import PhasePlan, Plan, build_plan
+from .planning import PhasePlan, Plan, build_plan
 from .tiling import decode_tiled
 
 

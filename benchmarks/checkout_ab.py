@@ -25,7 +25,7 @@ import ray
 import apt_dist
 from apt_dist.bench import ZeroExecutor, _render, sampling_seconds
 from apt_dist.config import RenderConfig
-from apt_dist.plan import plan
+from apt_dist.planning import plan
 from apt_dist.ray_executor import RayExecutor
 workers, renders, spp, steps = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 cfg = RenderConfig(model="sdxl-random", width=4096, height=4096, steps=steps, dtype="float16")

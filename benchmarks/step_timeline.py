@@ -22,7 +22,7 @@ import torch
 
 from apt_dist.bench import Table, emit
 from apt_dist.config import RenderConfig
-from apt_dist.plan import plan
+from apt_dist.planning import plan
 from apt_dist.ray_executor import RayExecutor
 from apt_dist.sampler import render
 

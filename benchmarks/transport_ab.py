@@ -21,7 +21,7 @@ import ray
 
 from apt_dist.bench import Table, _pct, emit, machine, sampling_seconds
 from apt_dist.config import RenderConfig
-from apt_dist.plan import plan
+from apt_dist.planning import plan
 from apt_dist.ray_executor import RayExecutor
 from apt_dist.sampler import render
 

@@ -3,7 +3,7 @@
 import pytest
 
 from apt_dist.config import RenderConfig
-from apt_dist.plan import build_plan
+from apt_dist.planning import build_plan
 
 
 def sdxl_plan(**kw):
@@ -47,3 +47,13 @@ def test_barrier_bounds_of_the_4096_plan():
 def test_small_render_is_one_phase():
     p = build_plan(RenderConfig(width=128, height=96), native=16, vae_scale=8)
     assert len(p.phases) == 1 and (p.phases[0].width, p.phases[0].height) == (128, 96)
+
+
+def test_apt_dist_plan_is_the_function_even_after_the_sampler_is_imported():
+    import apt_dist
+    import apt_dist.sampler  # noqa: F401  (imports the planning module)
+    from apt_dist import Plan, plan
+
+    assert callable(plan) and apt_dist.plan is plan
+    p = plan(RenderConfig(width=384, height=384))
+    assert isinstance(p, Plan) and len(p.phases) == 3
