@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -43,6 +45,10 @@ import torch
 from . import channel, shared_memory
 from .executor import DeferredPatches, Executor, RenderContext, WorkUnit, patch_shapes
 from .worker import ContextMissing, UNetWorker
+
+
+# Worker losses, restarts and re-queues, as they happen (the CLI shows them on stderr); also in summary()["events"].
+log = logging.getLogger(__name__)
 
 
 class ClusterError(RuntimeError):
@@ -113,6 +119,11 @@ class RayExecutor(Executor):
     (False: Ray objects for every worker).
     direct_calls: call those workers over a Unix socket rather than through Ray
     (False: every call is a Ray call).
+    worker_class, worker_kwargs: the actor class, a `UNetWorker` subclass, built as
+    `worker_class(spec, cpu_threads=..., **worker_kwargs)` on each worker: the one seam for
+    stand-in workers (the benchmarks' simulated UNet, fault-injection tests). A class defined
+    outside `apt_dist` (a script, a test module) is sent to the workers by value, so they need
+    not import its module.
     """
 
     def __init__(
@@ -127,8 +138,8 @@ class RayExecutor(Executor):
         max_restarts: int = 2,
         shared_memory: bool = True,
         direct_calls: bool = True,
-        simulate_seconds_per_patch: float | None = None,
-        worker_delay_s: float = 0.0,
+        worker_class: type[UNetWorker] = UNetWorker,
+        worker_kwargs: dict | None = None,
         ray_init_kwargs: dict | None = None,
     ):
         super().__init__()
@@ -146,8 +157,10 @@ class RayExecutor(Executor):
         self.max_restarts = max_restarts
         self.shared_memory = shared_memory
         self.direct_calls = direct_calls
-        self.simulate = simulate_seconds_per_patch
-        self.worker_delay_s = worker_delay_s
+        if not (isinstance(worker_class, type) and issubclass(worker_class, UNetWorker)):
+            raise TypeError(f"worker_class must be UNetWorker or a subclass, got {worker_class!r}")
+        self.worker_class = worker_class
+        self.worker_kwargs = dict(worker_kwargs or {})
         self.ray_init_kwargs = ray_init_kwargs or {}
         self.workers: list[WorkerState] = []
         self._pg = None
@@ -206,7 +219,7 @@ class RayExecutor(Executor):
 
         if self.gpus_per_worker is not None:
             return self.gpus_per_worker
-        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and self.simulate is None else 0.0
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
     def _worker_spec(self, spec):
         return dataclasses.replace(spec, device="cuda" if self._gpus() > 0 else "cpu")
@@ -247,8 +260,10 @@ class RayExecutor(Executor):
                 f"{self.placement_timeout_s:g} s; the cluster has {have} on {len(ray.nodes())} node(s)"
             ) from None
         self._pg = pg
-        actor_cls = ray.remote(UNetWorker)
-        sim_row = None if self.simulate is None else self.simulate / 2
+        module = self.worker_class.__module__
+        if module != "__main__" and module.split(".")[0] != __name__.split(".")[0] and module in sys.modules:
+            ray.cloudpickle.register_pickle_by_value(sys.modules[module])  # workers may not find its module
+        actor_cls = ray.remote(self.worker_class)
         for i in range(self.num_workers):
             h = actor_cls.options(
                 num_cpus=self.cpus_per_worker,
@@ -257,7 +272,7 @@ class RayExecutor(Executor):
                 max_task_retries=0,  # the driver re-queues lost units itself, onto any live worker
                 enable_task_events=False,  # thousands of short calls: no per-call event reports to the GCS
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            ).remote(self._spec, sim_row, self.worker_delay_s, max(1, int(self.cpus_per_worker)))
+            ).remote(self._spec, cpu_threads=max(1, int(self.cpus_per_worker)), **self.worker_kwargs)
             self.workers.append(WorkerState(h, i))
         infos = ray.get([w.handle.info.remote() for w in self.workers])  # waits for every model to load
         for w, info in zip(self.workers, infos):
@@ -278,7 +293,7 @@ class RayExecutor(Executor):
         try:
             self._buf.ensure(1 << 20)
         except OSError as e:
-            self.stats.events.append(f"shared memory unavailable ({e}); patches travel as Ray objects")
+            self._event(logging.WARNING, f"shared memory unavailable ({e}); patches travel as Ray objects")
             return
         for w, ok in zip(local, ray.get([w.handle.attach.remote(self._buf.path) for w in local])):
             w.shared = ok
@@ -296,7 +311,7 @@ class RayExecutor(Executor):
                 w.channel = channel.Channel(a, self._channel_key, name=f"worker {w.index}")
             except OSError as e:
                 w.channel = None
-                self.stats.events.append(f"worker {w.index}: no direct channel ({e}); its calls go through Ray")
+                self._event(logging.WARNING, f"worker {w.index}: no direct channel ({e}); its calls go through Ray")
 
     def close(self) -> None:
         import ray
@@ -358,7 +373,7 @@ class RayExecutor(Executor):
         try:
             return _Staging(units, patches, self._wire_dtype, buf)
         except OSError as e:  # /dev/shm full: this and later steps go through Ray's object store
-            self.stats.events.append(f"shared memory failed ({e}); patches travel as Ray objects from now on")
+            self._event(logging.WARNING, f"shared memory failed ({e}); patches travel as Ray objects from now on")
             for w in self.workers:
                 w.shared = False
             return _Staging(units, patches, self._wire_dtype, None)
@@ -422,7 +437,7 @@ class RayExecutor(Executor):
                         raise
                     # Ray restarted this worker between two calls: send the context, run the units again.
                     w.handle.set_context.remote(self._ctx_ref)
-                    self.stats.events.append(f"worker {w.index} was restarted by Ray between calls; context re-sent, "
+                    self._event(logging.INFO, f"worker {w.index} was restarted by Ray between calls; context re-sent, "
                                              f"{len(idx)} work unit(s) re-queued")
                     queue.extendleft(reversed(idx))
                     continue
@@ -446,20 +461,21 @@ class RayExecutor(Executor):
 
     def _lost(self, w: WorkerState, err: Exception, what: str, n: int) -> None:
         if not w.alive:  # a second in-flight call of an already lost worker
-            self.stats.events.append(f"worker {w.index}: {n} more work unit(s) re-queued")
+            self._event(logging.WARNING, f"worker {w.index}: {n} more work unit(s) re-queued")
             return
         w.alive = False
         if w.channel is not None:
             w.channel.close()
         w.losses += 1
         w.lost_at = w.next_ping = time.perf_counter()
-        self.stats.events.append(
+        self._event(
+            logging.WARNING,
             f"worker {w.index} (pid {w.info.get('pid')}, node {str(w.info.get('node_id'))[:8]}) lost during {what}: "
             f"{type(err).__name__}; {n} work unit(s) re-queued"
         )
         if w.losses > self.max_restarts:
             w.dead = True
-            self.stats.events.append(f"worker {w.index} is gone for good: it died {w.losses} time(s), max_restarts={self.max_restarts}")
+            self._event(logging.WARNING, f"worker {w.index} is gone for good: it died {w.losses} time(s), max_restarts={self.max_restarts}")
 
     def _ping_lost_workers(self) -> None:
         """Ask each lost worker whether Ray has restarted it (a call to a restarting actor fails fast, so retry)."""
@@ -469,7 +485,7 @@ class RayExecutor(Executor):
                 continue
             if now - w.lost_at > self.worker_timeout_s:
                 w.dead = True
-                self.stats.events.append(f"worker {w.index} is gone for good: not back within {self.worker_timeout_s:g} s")
+                self._event(logging.WARNING, f"worker {w.index} is gone for good: not back within {self.worker_timeout_s:g} s")
                 continue
             w.pinging = True
             self._pings[w.handle.info.remote()] = w
@@ -487,9 +503,14 @@ class RayExecutor(Executor):
             w.next_ping = time.perf_counter() + 0.5
             return
         w.alive = True
-        self.stats.events.append(f"worker {w.index} is back (restarted by Ray, pid {w.info['pid']})")
+        self._event(logging.INFO, f"worker {w.index} is back (restarted by Ray, pid {w.info['pid']})")
 
     # ---- reporting ----------------------------------------------------------------------------
+    def _event(self, level: int, message: str) -> None:
+        """An event of the render: kept for summary() and logged now (WARNING: a loss; INFO: a worker back)."""
+        self.stats.events.append(message)
+        log.log(level, message)
+
     def summary(self) -> dict:
         wall = time.perf_counter() - self._render_t0
         s = super().summary()

@@ -221,7 +221,7 @@ def test_deferred_patches_refuse_a_tail_that_breaks_its_announced_shapes():
 def test_meanwhile_runs_once_before_the_first_prediction_is_used_and_is_not_executor_time():
     import time
 
-    from apt_dist.bench import ZeroExecutor
+    from bench import ZeroExecutor
     from apt_dist.executor import RenderContext
 
     ex = ZeroExecutor()

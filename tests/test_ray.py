@@ -1,5 +1,6 @@
 """The Ray executor on real local actors (CPU): same image as in-process, worker loss, placement."""
 
+import logging
 import os
 import signal
 import threading
@@ -9,16 +10,35 @@ import numpy as np
 import pytest
 import ray
 import torch
+from bench import SimulatedWorker, simulated_executor
 from helpers import small_config
 
 from apt_dist import render
 from apt_dist.executor import InProcessExecutor
 from apt_dist.ray_executor import ClusterError, RayExecutor
+from apt_dist.worker import UNetWorker
 
 pytestmark = pytest.mark.ray
 
 # CPU reductions depend on the intra-op thread count: workers get as many threads as this process has.
 THREADS = torch.get_num_threads()
+
+
+class SlowWorker(UNetWorker):
+    """The real UNet, each call kept in flight 0.15 s longer: time for a test to kill its worker mid-call.
+
+    Defined in this test module, which Ray's workers cannot import: RayExecutor sends the class by value.
+    """
+
+    def predict(self, timestep, units):
+        out = super().predict(timestep, units)
+        time.sleep(0.15)
+        return out
+
+    def finds_module(self, name: str) -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec(name) is not None
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,17 +138,23 @@ def _kill_later(action, delay=0.1):
     return cb
 
 
-def test_ray_kill_of_a_worker_mid_phase(reference):
-    with RayExecutor(num_workers=2, worker_delay_s=0.15, cpus_per_worker=THREADS) as ex:
+def test_ray_kill_of_a_worker_mid_phase(reference, caplog):
+    caplog.set_level(logging.INFO, logger="apt_dist")
+    with RayExecutor(num_workers=2, worker_class=SlowWorker, cpus_per_worker=THREADS) as ex:
         r = render(small_config(), executor=ex, progress=False, callback=_kill_later(lambda: ray.kill(ex.workers[0].handle)))
         events = ex.summary()["events"]
     assert r.image.tobytes() == reference.image.tobytes()
     lost = [e for e in events if "lost during timestep" in e]
     assert lost and "re-queued" in lost[0], events
+    # ...and logged as it happened, a warning, each event once
+    logged = [(rec.levelno, rec.getMessage()) for rec in caplog.records if rec.name.startswith("apt_dist")]
+    assert (logging.WARNING, lost[0]) in logged
+    assert sorted(m for _, m in logged) == sorted(events)
 
 
-def test_sigkill_of_the_only_worker_restarts_it_and_reruns_its_batch(reference):
-    with RayExecutor(num_workers=1, worker_delay_s=0.15, max_restarts=1, cpus_per_worker=THREADS) as ex:
+def test_sigkill_of_the_only_worker_restarts_it_and_reruns_its_batch(reference, caplog):
+    caplog.set_level(logging.INFO, logger="apt_dist")
+    with RayExecutor(num_workers=1, worker_class=SlowWorker, max_restarts=1, cpus_per_worker=THREADS) as ex:
         killed = []
 
         def sigkill():
@@ -141,6 +167,9 @@ def test_sigkill_of_the_only_worker_restarts_it_and_reruns_its_batch(reference):
     assert any("lost during timestep" in e for e in summary["events"]), summary
     assert any("is back" in e for e in summary["events"]), summary
     assert killed and summary["workers"][0]["pid"] != killed[0]
+    logged = [(rec.levelname, rec.getMessage()) for rec in caplog.records if rec.name.startswith("apt_dist")]
+    assert any(level == "WARNING" and "lost during timestep" in m for level, m in logged), logged
+    assert any(level == "INFO" and "is back" in m for level, m in logged), logged
 
 
 @pytest.mark.parametrize("direct_calls", [True, False])
@@ -183,7 +212,7 @@ def test_a_worker_restarted_between_two_calls_gets_the_context_again(direct_call
 
 
 def test_no_worker_left_stops_with_a_clear_error():
-    with RayExecutor(num_workers=1, worker_delay_s=0.15, max_restarts=0, worker_timeout_s=10) as ex:
+    with RayExecutor(num_workers=1, worker_class=SlowWorker, max_restarts=0, worker_timeout_s=10) as ex:
         with pytest.raises(ClusterError, match="no live worker left"):
             render(small_config(), executor=ex, progress=False, callback=_kill_later(lambda: ray.kill(ex.workers[0].handle)))
 
@@ -203,10 +232,25 @@ def test_placement_failure_says_what_was_asked_and_what_the_cluster_has():
     assert not calls  # no work was done
 
 
+def test_a_worker_class_from_a_module_the_workers_cannot_import_runs_there():
+    """The seam for stand-in workers: a UNetWorker subclass defined in a test (or a benchmark script)."""
+    with RayExecutor(num_workers=1, worker_class=SlowWorker, cpus_per_worker=THREADS) as ex:
+        r = render(small_config(width=256, height=192, steps=2, shortcut_steps=1), executor=ex, progress=False)
+        worker = ex.workers[0].handle
+        assert ray.get(worker.finds_module.remote("apt_dist"))
+        assert not ray.get(worker.finds_module.remote(__name__))  # so the class travelled by value
+    assert r.image.size == (256, 192)
+
+
+def test_worker_class_must_be_a_unet_worker():
+    with pytest.raises(TypeError, match="worker_class"):
+        RayExecutor(worker_class=object)
+
+
 def test_simulated_workers_render_the_plan():
     """Simulated workers (sleep + zeros) still make the driver run every step; counts match the plan."""
     cfg = small_config(model="sdxl-random", width=2048, height=2048, steps=4, shortcut_steps=2)
-    with RayExecutor(num_workers=2, simulate_seconds_per_patch=0.0) as ex:
+    with simulated_executor(2, 0.0) as ex:
         r = render(cfg, executor=ex, progress=False)
         served = sum(w["patches"] for w in ex.summary()["workers"])
     assert r.patch_evals == r.plan.unet_patch_evals == 4 + 2 * 13
@@ -235,7 +279,7 @@ def test_the_driver_does_its_own_work_while_the_first_calls_run():
             return super().predict(t, patches, crops, spy_then, spy_meanwhile)
 
     cfg = small_config(model="sdxl-random", width=2048, height=2048, steps=4, shortcut_steps=2)
-    with Spy(num_workers=2, simulate_seconds_per_patch=0.0) as ex:
+    with Spy(num_workers=2, worker_class=SimulatedWorker, gpus_per_worker=0) as ex:
         render(cfg, executor=ex, progress=False)
     assert len(steps) == 2
     for events in steps:
