@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--driver-threads", type=int, default=None,
                    help="torch threads of this process: the driver's tensor work, and without --workers the UNet's too "
                         "(default: torch's own, one per core). With GPU workers on a many-core head node, 4 made the "
-                        "driver faster (README). CPU reductions, so an image's last bits, depend on thread counts")
+                        "driver faster (benchmarks/README.md). CPU reductions, so an image's last bits, depend on thread counts")
     r.add_argument("--checkpoint", default=None,
                    help="write the render's state here after every phase; if it exists (same settings), resume from it "
                         "(default: none)")

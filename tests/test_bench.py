@@ -62,6 +62,7 @@ def test_bench_overhead_one_worker(ray_local):
     assert t.rows[1][2] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_bench_scaling_and_workers_tiny(ray_local):
     t = bench.bench_scaling(RenderConfig(model="sdxl-random", width=2048, height=2048, steps=2), [2], 0.001)
@@ -74,10 +75,12 @@ def test_bench_scaling_and_workers_tiny(ray_local):
 
 @pytest.mark.ray
 @pytest.mark.parametrize("script,args", [
+    ("bench.py", ["scaling", "--workers", "2", "--width", "2048", "--height", "2048"]),
     ("transport_ab.py", ["--workers", "2"]),
     ("step_timeline.py", ["--workers", "2", "--driver-threads", "1"]),
     ("checkout_ab.py", ["ROOT", "ROOT", "--workers", "2", "--rounds", "1", "--renders", "1"]),
 ])
+@pytest.mark.slow
 def test_benchmark_scripts_run_and_write_their_tables(script, args, tmp_path):
     """The scripts in benchmarks/ start their own Ray instance: run each in a fresh process, tiny settings."""
     import os
@@ -99,6 +102,7 @@ def test_benchmark_scripts_run_and_write_their_tables(script, args, tmp_path):
         assert "round 1/1: " in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize("script,table", [("view_batch.py", "view_batch.md"), ("gpu_check.py", "gpu_check.md")])
 def test_gpu_scripts_dry_run_on_the_cpu(script, table, tmp_path):

@@ -164,6 +164,7 @@ def test_the_cli_shows_the_packages_log_on_stderr_one_line_each(capsys):
                                 "apt-dist: info: worker 1 is back"]
 
 
+@pytest.mark.slow
 def test_render_end_to_end_through_the_cli(tmp_path):
     out = tmp_path / "poster.png"
     proc = subprocess.run(
@@ -252,6 +253,7 @@ def test_ray_executor_with_an_address_that_does_not_answer_fails_before_ray_init
     assert time.perf_counter() - t0 < 30 and not ray.is_initialized()
 
 
+@pytest.mark.slow
 def test_more_workers_than_a_local_ray_instance_can_hold_fail_at_once_not_after_the_placement_timeout():
     import os
     import time

@@ -53,6 +53,7 @@ def reference():
     return render(small_config(), executor=InProcessExecutor(), progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_bit_identical_to_in_process(workers, reference):
     with RayExecutor(num_workers=workers, cpus_per_worker=THREADS) as ex:
@@ -69,6 +70,7 @@ def test_bit_identical_to_in_process(workers, reference):
     assert not summary["events"]  # undisturbed: no loss, and no call that ran before its worker had the context
 
 
+@pytest.mark.slow
 def test_shared_memory_with_ray_calls_is_bit_identical_too(reference):
     """direct_calls=False: the patches still go through /dev/shm, but every call is a Ray call."""
     with RayExecutor(num_workers=2, cpus_per_worker=THREADS, direct_calls=False) as ex:
@@ -78,6 +80,7 @@ def test_shared_memory_with_ray_calls_is_bit_identical_too(reference):
     assert {(w["transport"], w["calls_via"]) for w in summary["workers"]} == {("shared memory", "ray")}
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_serve_a_socket_is_called_through_ray(tmp_path, reference):
     """An AF_UNIX path over the kernel's limit (a long TMPDIR): that worker's calls go through Ray, same image."""
     long_dir = tmp_path / ("d" * 120)
@@ -91,6 +94,7 @@ def test_a_worker_that_cannot_serve_a_socket_is_called_through_ray(tmp_path, ref
     assert any("no direct channel" in e for e in summary["events"]), summary["events"]
 
 
+@pytest.mark.slow
 def test_object_store_transport_is_bit_identical_too(reference):
     """shared_memory=False: patches and predictions travel as Ray objects, as to workers on other nodes."""
     with RayExecutor(num_workers=2, cpus_per_worker=THREADS, shared_memory=False) as ex:
@@ -101,6 +105,7 @@ def test_object_store_transport_is_bit_identical_too(reference):
     assert {w["calls_via"] for w in summary["workers"]} == {"ray"}
 
 
+@pytest.mark.slow
 def test_a_full_dev_shm_falls_back_to_the_object_store(reference):
     """If the shared-memory file cannot grow (ENOSPC), the render goes on through Ray objects, same image."""
     with RayExecutor(num_workers=2, cpus_per_worker=THREADS) as ex:
@@ -287,6 +292,7 @@ def test_the_driver_does_its_own_work_while_the_first_calls_run():
         assert events[1:] == [("then",)] * (len(events) - 1) and len(events) > 1
 
 
+@pytest.mark.slow
 def test_float16_model_travels_in_float16_and_stays_bit_identical():
     """A float16 UNet's inputs and outputs are float16 values: sending them as float16 changes nothing."""
     cfg = small_config(dtype="float16", width=256, height=192)
