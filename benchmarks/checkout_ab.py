@@ -27,15 +27,17 @@ import ray
 import apt_dist
 from apt_dist.config import RenderConfig
 from apt_dist.ray_executor import RayExecutor
-try:
+# By the checkout's files, not by what imports: an editable install elsewhere may fill in missing modules.
+has = lambda name: os.path.isfile(os.path.join(os.path.dirname(apt_dist.__file__), name))
+if has("planning.py"):
     from apt_dist.planning import plan
-except ImportError:
+else:
     from apt_dist.plan import plan
 workers, renders, spp, steps = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-try:
+if has("bench.py"):
     from apt_dist.bench import ZeroExecutor, _render, sampling_seconds
     simulated = lambda: RayExecutor(num_workers=workers, simulate_seconds_per_patch=spp, cpus_per_worker=1)
-except ImportError:
+else:
     sys.path.insert(0, sys.argv[5])
     from bench import ZeroExecutor, _render, sampling_seconds, simulated_executor
     simulated = lambda: simulated_executor(workers, spp, cpus_per_worker=1)
