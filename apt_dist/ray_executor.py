@@ -438,7 +438,7 @@ class RayExecutor(Executor):
                     # Ray restarted this worker between two calls: send the context, run the units again.
                     w.handle.set_context.remote(self._ctx_ref)
                     self._event(logging.INFO, f"worker {w.index} was restarted by Ray between calls; context re-sent, "
-                                             f"{len(idx)} work unit(s) re-queued")
+                                              f"{len(idx)} work unit(s) re-queued")
                     queue.extendleft(reversed(idx))
                     continue
                 receive(idx, outs)

@@ -378,7 +378,12 @@ def bench_workers(config: RenderConfig, workers: list[int]) -> Table:
 def build_parser() -> argparse.ArgumentParser:
     from apt_dist.cli import HelpFormatter, Parser, add_config_options
 
+    def options(config: dict) -> str:
+        return " ".join(f"--{name.replace('_', '-')} {value}" for name, value in config.items()) or "none"
+
+    own = "; ".join(f"{what}: {options(config)}" for what, config in DEFAULT_CONFIGS.items())
     b = Parser(prog="python benchmarks/bench.py", description="apt-dist benchmarks; each prints a table",
+               epilog=f"Each benchmark's own defaults come before the render defaults shown above ({own}).",
                formatter_class=HelpFormatter)
     b.add_argument("what", choices=BENCHMARKS,
                    help="phases: per-phase time, patch evaluations and driver share (in-process); "
