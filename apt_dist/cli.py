@@ -1,8 +1,9 @@
-"""The `apt-dist` command: render, plan, bench.
+"""The `apt-dist` command: render, plan.
 
 Every RenderConfig field is an option (`--field-name`), except guidance_scale, which
 is `--guidance`. Bad input exits with code 2 and one line naming the option, before
-any model is loaded.
+any model is loaded. `--help` shows every option's default. (The benchmarks are
+`python benchmarks/bench.py`, outside the package.)
 """
 
 from __future__ import annotations
@@ -10,19 +11,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
+import logging
 import sys
 import traceback
 import typing
 
+from . import __version__
 from .config import ConfigError, RenderConfig, parse_eta
 
 DEFAULT_CALL_TIMEOUT_FLOOR_S = 60.0  # ray_executor.CALL_TIMEOUT_FLOOR_S (not imported: keeps --help light)
 
 OPTION_NAMES = {"guidance_scale": "--guidance", "loras": "--lora"}
 HELP = {
-    "prompt": "what to render",
-    "negative_prompt": "what to avoid (empty: SDXL's zero embedding)",
+    "prompt": "what to render (default: empty)",
+    "negative_prompt": "what to avoid (default: empty, SDXL's zero embedding)",
     "width": "output width in pixels, a multiple of 8",
     "height": "output height in pixels, a multiple of 8",
     "seed": "render seed: every random draw comes from it",
@@ -33,15 +35,15 @@ HELP = {
     "vae": "a separate VAE: a diffusers AutoencoderKL folder or a single .safetensors file (e.g. an fp16-fixed SDXL VAE)",
     "vae_dtype": "VAE dtype: float32 (default, safe) | float16 (only for fp16-safe VAEs, such as fp16-fixed ones) | bfloat16",
     "model_config": "single-file models: a diffusers config folder to read them with (default: built-in SDXL base configs)",
-    "method": "apt (default) | demofusion: presets for the three APT parts below",
+    "method": "apt | demofusion: presets for the three APT parts below (default: apt)",
     "scheduler": "auto (the model's own: Euler or DDIM) | euler | ddim; timesteps, betas and prediction type always "
                  "come from the model's scheduler config",
     "steps": "denoising steps N of the schedule",
     "guidance_scale": "classifier-free guidance scale",
-    "statistical_matching": "APT Statistical Matching of dilated sub-lattices (default: on for apt)",
+    "statistical_matching": "APT Statistical Matching of dilated sub-lattices (default: as --method says: on for apt, off for demofusion)",
     "sm_stats": "Statistical Matching statistics: channel | global",
-    "scale_aware_scheduling": "APT Scale-aware Scheduling (default: on for apt)",
-    "eta": "SaS eta per phase, 'PHASE:ETA,...' (default 2:2.0,3:3.0,4:3.5; later phases keep the last)",
+    "scale_aware_scheduling": "APT Scale-aware Scheduling (default: as --method says: on for apt, off for demofusion)",
+    "eta": "SaS eta per phase, 'PHASE:ETA,...'; later phases keep the last (default: 2:2.0,3:3.0,4:3.5)",
     "shortcut": "apt: each upscaling phase runs the last SHORTCUT of the steps, from step round((1 - SHORTCUT) x steps) "
                 "(default 0.6, the paper's 30 of 50)",
     "shortcut_steps": "T0: steps run in each upscaling phase, overriding --shortcut (default: as --shortcut for apt, all for demofusion)",
@@ -61,17 +63,47 @@ HELP = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
+# `apt-dist plan` with the tiny model (a 128 px window) warns above this many phases: a size planned for SDXL.
+TINY_PHASES_WARNING = 8
+
+
+class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_config_options(p: argparse.ArgumentParser) -> None:
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: {_show_default(action.default)})"
+
+
+def _show_default(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value == "":
+        return "empty"
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{v}" for k, v in value.items())
+    return str(value).replace("%", "%%")
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per RenderConfig field. The default stays RenderConfig's (shown in --help), so that
+    an option not given is not passed on: callers may put their own defaults under the config."""
     hints = typing.get_type_hints(RenderConfig)
     for f in dataclasses.fields(RenderConfig):
         opt = OPTION_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
         hint = hints[f.name]
-        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": HELP.get(f.name)}
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = HELP.get(f.name, "")
+        if "(default" not in text:
+            text = f"{text} (default: {_show_default(default)})"
+        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if f.name == "eta":
             p.add_argument(opt, type=parse_eta, **kw)
         elif f.name == "loras":
@@ -89,26 +121,28 @@ def config_from_args(ns: argparse.Namespace) -> RenderConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="apt-dist", description="APT high-resolution rendering (DemoFusion + APT on SDXL), on one GPU or many.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog="apt-dist", description="APT high-resolution rendering (DemoFusion + APT on SDXL), on one GPU or many.")
+    p.add_argument("--version", action="version", version=f"apt-dist {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    r = sub.add_parser("render", help="render an image")
-    _add_config_options(r)
+    r = sub.add_parser("render", help="render an image", formatter_class=HelpFormatter)
+    add_config_options(r)
     r.add_argument("--out", default="apt-dist.png", help="output PNG path (written atomically)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--driver-threads", type=int, default=None,
                    help="torch threads of this process: the driver's tensor work, and without --workers the UNet's too "
                         "(default: torch's own, one per core). With GPU workers on a many-core head node, 4 made the "
-                        "driver faster (README). CPU reductions, so an image's last bits, depend on thread counts")
+                        "driver faster (benchmarks/README.md). CPU reductions, so an image's last bits, depend on thread counts")
     r.add_argument("--checkpoint", default=None,
                    help="write the render's state here after every phase (and within a phase, see --checkpoint-every); "
-                        "if it exists (same settings, checked in full), resume from it")
+                        "if it exists (same settings, checked in full), resume from it (default: none)")
     r.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
                    help="seconds of work between two checkpoints within a phase (default 60)")
     r.add_argument("--restart", action="store_true",
                    help="ignore an existing --checkpoint and render from the start (it is overwritten as the render goes)")
     g = r.add_argument_group("distributed (Ray)")
-    g.add_argument("--workers", type=int, default=None, help="render on N Ray workers, one UNet replica each")
+    g.add_argument("--workers", type=int, default=None, help="render on N Ray workers, one UNet replica each "
+                   "(default: in this process, no Ray; with --address: 1)")
     g.add_argument("--address", default=None,
                    help="Ray cluster to join: auto | HOST:PORT (default: a local Ray instance, or the cluster of a Ray job)")
     g.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker, fractions allowed (default: 1 if the cluster has GPUs, else 0)")
@@ -127,30 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     r.add_argument("--debug", action="store_true", help="print the traceback of a runtime failure")
 
-    pl = sub.add_parser("plan", help="print the plan of a render (phases, patches, UNet evaluations); loads no model")
-    _add_config_options(pl)
+    pl = sub.add_parser("plan", help="print the plan of a render (phases, patches, UNet evaluations); loads no model",
+                        formatter_class=HelpFormatter)
+    add_config_options(pl)
     pl.add_argument("--json", action="store_true", help="print JSON")
     pl.add_argument("--debug", action="store_true", help="show the traceback of a failure instead of one line")
-    pl.add_argument("--workers", type=int, default=None, help="also estimate wall time on this many workers")
+    pl.add_argument("--workers", type=int, default=None, help="also estimate wall time on this many workers (default: no estimate)")
     pl.add_argument("--seconds-per-patch", type=float, default=0.035, help="UNet time per patch with guidance (H100 SDXL: ~0.035)")
-
-    b = sub.add_parser("bench", help="benchmarks; prints tables")
-    b.add_argument("what", choices=["phases", "overhead", "scaling", "workers"],
-                   help="phases: per-phase time, patch evaluations and driver share (in-process); "
-                        "overhead: driver + Ray transport ms per patch with a zero-cost UNet; "
-                        "scaling: simulated workers against the ideal and the per-step barrier bound; "
-                        "workers: in-process against CPU Ray workers, per core")
-    _add_config_options(b)
-    from .bench import add_arguments as _add_bench_arguments
-
-    _add_bench_arguments(b)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        return _main(ns, argv)
+        return _main(ns)
     except ConfigError as e:
         print(f"apt-dist {ns.command}: error: {e}", file=sys.stderr)
         return 2
@@ -177,20 +201,38 @@ class RuntimeFailure(RuntimeError):
     """A failure after the input was accepted, already worded for the user."""
 
 
-def _main(ns, argv) -> int:
+def _main(ns) -> int:
     config = config_from_args(ns).validate()
     _set_driver_threads(getattr(ns, "driver_threads", None))
     if ns.command == "render":
+        configure_logging()
         return _render(config, ns)
     if ns.command == "plan":
         return _plan(config, ns)
-    if ns.command == "bench":
-        from . import bench
-
-        names = {f.name for f in dataclasses.fields(RenderConfig)}
-        command = "apt-dist " + shlex.join(sys.argv[1:] if argv is None else argv)
-        return bench.run(ns.what, {k: v for k, v in vars(ns).items() if k in names}, ns, command)
     return 0
+
+
+class _LogToStderr(logging.Handler):
+    """One line per record on stderr, through tqdm.write: the progress bar is cleared and redrawn around it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(f"apt-dist: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+_HANDLER = _LogToStderr(logging.INFO)
+
+
+def configure_logging() -> None:
+    """Show the package's log (worker losses, restarts, re-queues as they happen) on stderr; idempotent."""
+    logger = logging.getLogger("apt_dist")
+    if _HANDLER not in logger.handlers:
+        logger.addHandler(_HANDLER)
+    logger.setLevel(logging.INFO)
 
 
 def _set_driver_threads(threads: int | None) -> None:
@@ -222,7 +264,7 @@ def _render(config: RenderConfig, ns) -> int:
     from . import checkpoint as ckpt
     from .cleanup import remove_stale_files
     from .loading import prepare
-    from .plan import build_plan
+    from .planning import build_plan
     from .sampler import render
 
     _, info, _, _ = prepare(config)  # the model's files and configs checked before any weights load
@@ -326,23 +368,29 @@ def _print_workers(summary: dict) -> None:
 
 
 def _plan(config: RenderConfig, ns) -> int:
-    from .plan import plan
+    from .planning import plan
 
     from .loading import check_source, model_source
 
     check_source(model_source(config))
     p = plan(config)
-    d = p.to_dict()
+    d = {"model": config.model} | p.to_dict()
+    window_px = p.native_window * p.vae_scale
+    if config.model == "tiny" and len(p.phases) > TINY_PHASES_WARNING:
+        print(f"apt-dist plan: warning: the tiny model's native window is {window_px} px, so {config.width}x{config.height} "
+              f"is {len(p.phases)} phases; for SDXL-sized planning use --model sdxl-random (SDXL's geometry, no weights) "
+              f"or your SDXL model", file=sys.stderr)
     if config.loras:
         d["loras"] = config.to_dict().get("lora_files", [])
-    if ns.workers:
+    if ns.workers is not None:
         if ns.workers < 1:
             raise ConfigError("--workers", f"must be an integer >= 1, got {ns.workers}")
         d["estimate"] = p.timing(ns.workers, ns.seconds_per_patch)
     if ns.json:
         print(json.dumps(d, indent=2))
         return 0
-    print(f"plan for {config.width}x{config.height}, model {config.model} (native window {p.native_window} latents), method {config.method}")
+    print(f"plan for {config.width}x{config.height}, model {config.model}: native window {p.native_window} latents = "
+          f"{window_px} px (VAE scale {p.vae_scale}), method {config.method}")
     sc = p.scheduler_config
     print(f"scheduler {p.scheduler}, {config.steps} steps, on the model's table ({sc.class_name} config: {sc.prediction_type}, "
           f"{sc.for_step(p.scheduler).timestep_spacing} spacing, {sc.beta_schedule} betas"

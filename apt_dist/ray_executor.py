@@ -34,6 +34,7 @@ import shutil
 import signal
 import socket
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -48,12 +49,14 @@ from . import channel, shared_memory
 from .executor import DeferredPatches, Executor, RenderContext, WorkUnit, patch_shapes
 from .worker import ContextMissing, UNetWorker
 
-log = logging.getLogger("apt_dist")
-
 # A call with no reply for this long (at least) counts as hung; see RayExecutor's call_timeout_s.
 CALL_TIMEOUT_FLOOR_S = 60.0
 CALL_TIMEOUT_FACTOR = 10.0  # x the median seconds per work unit of recent calls
 _RECENT_CALLS = 256  # calls the median is taken over, per kind (predict, decode, ...)
+
+
+# Worker losses, restarts and re-queues, as they happen (the CLI shows them on stderr); also in summary()["events"].
+log = logging.getLogger(__name__)
 
 
 class ClusterError(RuntimeError):
@@ -144,6 +147,11 @@ class RayExecutor(Executor):
     (False: Ray objects for every worker).
     direct_calls: call those workers over a Unix socket rather than through Ray
     (False: every call is a Ray call).
+    worker_class, worker_kwargs: the actor class, a `UNetWorker` subclass, built as
+    `worker_class(spec, cpu_threads=..., **worker_kwargs)` on each worker: the one seam for
+    stand-in workers (the benchmarks' simulated UNet, fault-injection tests). A class defined
+    outside `apt_dist` (a script, a test module) is sent to the workers by value, so they need
+    not import its module.
     """
 
     def __init__(
@@ -159,8 +167,8 @@ class RayExecutor(Executor):
         call_timeout_s: float | None = None,
         shared_memory: bool = True,
         direct_calls: bool = True,
-        simulate_seconds_per_patch: float | None = None,
-        worker_delay_s: float = 0.0,
+        worker_class: type[UNetWorker] = UNetWorker,
+        worker_kwargs: dict | None = None,
         ray_init_kwargs: dict | None = None,
     ):
         super().__init__()
@@ -180,8 +188,10 @@ class RayExecutor(Executor):
         self.max_restarts = max_restarts
         self.shared_memory = shared_memory
         self.direct_calls = direct_calls
-        self.simulate = simulate_seconds_per_patch
-        self.worker_delay_s = worker_delay_s
+        if not (isinstance(worker_class, type) and issubclass(worker_class, UNetWorker)):
+            raise TypeError(f"worker_class must be UNetWorker or a subclass, got {worker_class!r}")
+        self.worker_class = worker_class
+        self.worker_kwargs = dict(worker_kwargs or {})
         self.ray_init_kwargs = ray_init_kwargs or {}
         self.workers: list[WorkerState] = []
         self._pg = None
@@ -247,7 +257,7 @@ class RayExecutor(Executor):
 
         if self.gpus_per_worker is not None:
             return self.gpus_per_worker
-        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 and self.simulate is None else 0.0
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
     def _worker_spec(self, spec):
         return dataclasses.replace(spec, device="cuda" if self._gpus() > 0 else "cpu")
@@ -288,8 +298,10 @@ class RayExecutor(Executor):
                 f"{self.placement_timeout_s:g} s; the cluster has {have} on {len(ray.nodes())} node(s)"
             ) from None
         self._pg = pg
-        actor_cls = ray.remote(UNetWorker)
-        sim_row = None if self.simulate is None else self.simulate / 2
+        module = self.worker_class.__module__
+        if module != "__main__" and module.split(".")[0] != __name__.split(".")[0] and module in sys.modules:
+            ray.cloudpickle.register_pickle_by_value(sys.modules[module])  # workers may not find its module
+        actor_cls = ray.remote(self.worker_class)
         for i in range(self.num_workers):
             h = actor_cls.options(
                 num_cpus=self.cpus_per_worker,
@@ -298,7 +310,7 @@ class RayExecutor(Executor):
                 max_task_retries=0,  # the driver re-queues lost units itself, onto any live worker
                 enable_task_events=False,  # thousands of short calls: no per-call event reports to the GCS
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            ).remote(self._spec, sim_row, self.worker_delay_s, max(1, int(self.cpus_per_worker)))
+            ).remote(self._spec, cpu_threads=max(1, int(self.cpus_per_worker)), **self.worker_kwargs)
             self.workers.append(WorkerState(h, i))
         infos = ray.get([w.handle.info.remote() for w in self.workers])  # waits for every model to load
         for w, info in zip(self.workers, infos):
@@ -324,7 +336,7 @@ class RayExecutor(Executor):
         try:
             self._buf.ensure(1 << 20)
         except OSError as e:
-            self.stats.events.append(f"shared memory unavailable ({e}); patches travel as Ray objects")
+            self._event(logging.WARNING, f"shared memory unavailable ({e}); patches travel as Ray objects")
             return
         for w, ok in zip(local, ray.get([w.handle.attach.remote(self._buf.path) for w in local])):
             w.shared = ok
@@ -345,7 +357,7 @@ class RayExecutor(Executor):
                 w.channel = channel.Channel(a, self._channel_key, name=f"worker {w.index}")
             except (OSError, AuthenticationError) as e:
                 w.channel = None
-                self.stats.events.append(f"worker {w.index}: no direct channel ({e}); its calls go through Ray")
+                self._event(logging.WARNING, f"worker {w.index}: no direct channel ({e}); its calls go through Ray")
 
     def close(self) -> None:
         import ray
@@ -407,7 +419,7 @@ class RayExecutor(Executor):
         try:
             return _Staging(units, patches, self._wire_dtype, buf)
         except OSError as e:  # /dev/shm full: this and later steps go through Ray's object store
-            self.stats.events.append(f"shared memory failed ({e}); patches travel as Ray objects from now on")
+            self._event(logging.WARNING, f"shared memory failed ({e}); patches travel as Ray objects from now on")
             for w in self.workers:
                 w.shared = False
             return _Staging(units, patches, self._wire_dtype, None)
@@ -476,8 +488,8 @@ class RayExecutor(Executor):
                         raise
                     # Ray restarted this worker between two calls: send the context, run the units again.
                     w.handle.set_context.remote(self._ctx_ref)
-                    self.stats.events.append(f"worker {w.index} was restarted by Ray between calls; context re-sent, "
-                                             f"{len(idx)} work unit(s) re-queued")
+                    self._event(logging.INFO, f"worker {w.index} was restarted by Ray between calls; context re-sent, "
+                                              f"{len(idx)} work unit(s) re-queued")
                     queue.extendleft(reversed(idx))
                     continue
                 receive(idx, outs)
@@ -510,9 +522,8 @@ class RayExecutor(Executor):
             message = (f"worker {w.index} (pid {w.info.get('pid')}, node {str(w.info.get('node_id'))[:8]}) sent no reply "
                        f"for {waited:.1f} s during {what} (deadline {self.call_deadline_s(kind, len(idx)):.1f} s): "
                        f"treated as lost, {len(idx)} work unit(s) re-queued, worker killed for Ray to restart")
-            log.warning("apt-dist: %s", message)
             self._lost(w, TimeoutError(message), what, len(idx), quiet=True)
-            self.stats.events.append(message)
+            self._event(logging.WARNING, message)
             self._kill_hung(w)
 
     def _kill_hung(self, w: WorkerState) -> None:
@@ -521,7 +532,7 @@ class RayExecutor(Executor):
         try:
             ray.kill(w.handle, no_restart=False)  # Ray restarts it (within max_restarts); the ping finds it back
         except Exception as e:
-            log.warning("apt-dist: ray.kill of hung worker %d failed: %s", w.index, e)
+            self._event(logging.WARNING, f"ray.kill of hung worker {w.index} failed: {e}")
         # A worker on this node writes its replies into the shared file: one stopped mid-call must never wake up
         # and write a stale reply over a later step's, and Ray's kill goes through the (hung) process itself.
         pid = w.info.get("pid")
@@ -549,7 +560,7 @@ class RayExecutor(Executor):
 
     def _lost(self, w: WorkerState, err: Exception, what: str, n: int, quiet: bool = False) -> None:
         if not w.alive:  # a second in-flight call of an already lost worker
-            self.stats.events.append(f"worker {w.index}: {n} more work unit(s) re-queued")
+            self._event(logging.WARNING, f"worker {w.index}: {n} more work unit(s) re-queued")
             return
         w.alive = False
         if w.channel is not None:
@@ -557,13 +568,14 @@ class RayExecutor(Executor):
         w.losses += 1
         w.lost_at = w.next_ping = time.perf_counter()
         if not quiet:  # quiet: the caller reports it
-            self.stats.events.append(
+            self._event(
+                logging.WARNING,
                 f"worker {w.index} (pid {w.info.get('pid')}, node {str(w.info.get('node_id'))[:8]}) lost during {what}: "
                 f"{type(err).__name__}; {n} work unit(s) re-queued"
             )
         if w.losses > self.max_restarts:
             w.dead = True
-            self.stats.events.append(f"worker {w.index} is gone for good: it died {w.losses} time(s), max_restarts={self.max_restarts}")
+            self._event(logging.WARNING, f"worker {w.index} is gone for good: it died {w.losses} time(s), max_restarts={self.max_restarts}")
 
     def _ping_lost_workers(self) -> None:
         """Ask each lost worker whether Ray has restarted it (a call to a restarting actor fails fast, so retry)."""
@@ -573,7 +585,7 @@ class RayExecutor(Executor):
                 continue
             if now - w.lost_at > self.worker_timeout_s:
                 w.dead = True
-                self.stats.events.append(f"worker {w.index} is gone for good: not back within {self.worker_timeout_s:g} s")
+                self._event(logging.WARNING, f"worker {w.index} is gone for good: not back within {self.worker_timeout_s:g} s")
                 continue
             w.pinging = True
             self._pings[w.handle.info.remote()] = w
@@ -591,9 +603,14 @@ class RayExecutor(Executor):
             w.next_ping = time.perf_counter() + 0.5
             return
         w.alive = True
-        self.stats.events.append(f"worker {w.index} is back (restarted by Ray, pid {w.info['pid']})")
+        self._event(logging.INFO, f"worker {w.index} is back (restarted by Ray, pid {w.info['pid']})")
 
     # ---- reporting ----------------------------------------------------------------------------
+    def _event(self, level: int, message: str) -> None:
+        """An event of the render: kept for summary() and logged now (WARNING: a loss; INFO: a worker back)."""
+        self.stats.events.append(message)
+        log.log(level, message)
+
     def summary(self) -> dict:
         wall = time.perf_counter() - self._render_t0
         s = super().summary()

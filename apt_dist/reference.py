@@ -22,7 +22,7 @@ from . import schedules as S
 from .config import RenderConfig
 from .geometry import crop_pixels, gaussian_blur, jitter_range, lattice_offsets, local_windows
 from .matching import ReferenceStats, standardize_to, statistical_matching
-from .plan import PhasePlan, Plan, build_plan, phase_schedule
+from .planning import PhasePlan, Plan, build_plan, phase_schedule
 
 
 def reference_render(config: RenderConfig, denoiser, embeds) -> list[torch.Tensor]:

@@ -34,7 +34,7 @@ from .fusion import DilatedViews, LocalViews
 from .geometry import jitter_range, local_windows
 from .matching import ReferenceStats, standardize_to, statistical_matching
 from .outputs import to_pil
-from .plan import PhasePlan, Plan, build_plan, phase_schedule
+from .planning import PhasePlan, Plan, build_plan, phase_schedule
 from .tiling import decode_tiled
 
 

@@ -9,9 +9,10 @@ socket (`open_channel`, `channel.py`) rather than through Ray, whose calls cost 
 millisecond each. The render's prompt embeddings travel once per worker and render, in
 `set_context` (again after a restart), not with every call.
 
-`simulate_seconds_per_row` replaces the UNet by a sleep and zeros, for scheduling
-and overhead benchmarks: no torch model is built then. The sleeps run to deadlines, so
-a call of n rows takes n x the set time, without the oversleep of n separate sleeps.
+A subclass may replace the UNet (`RayExecutor(worker_class=...)`): it overrides
+`predict_unit` (one work unit's UNet call) and, if it builds no model, `decode` and
+`group_norm_stats`. The benchmarks' simulated workers (benchmarks/bench.py) and the
+fault-injection tests do so.
 """
 
 from __future__ import annotations
@@ -30,30 +31,29 @@ class ContextMissing(RuntimeError):
 
 
 class UNetWorker:
-    def __init__(self, spec, simulate_seconds_per_row: float | None = None, extra_delay_s: float = 0.0,
-                 cpu_threads: int | None = None):
+    def __init__(self, spec, cpu_threads: int | None = None):
         self.spec = spec
-        self.simulate = simulate_seconds_per_row
-        self.extra_delay_s = extra_delay_s  # for fault-injection tests: keeps a call in flight a while
         self._ctx = None
         self._shared = SharedViews()
-        self.denoiser = None
-        if simulate_seconds_per_row is None:
-            import torch
-
-            from .models import Denoiser
-
-            if cpu_threads and spec.device == "cpu":
-                # CPU float reductions depend on the intra-op thread count: pin it, so a CPU worker
-                # computes bit for bit what an in-process executor with as many threads computes.
-                torch.set_num_threads(cpu_threads)
-
-            try:
-                self.denoiser = Denoiser(spec)
-            except Exception as e:  # told to the driver by info(), in one line, instead of an ActorDiedError
-                self.load_error = " ".join(str(e).split())[:500] or type(e).__name__
+        try:
+            self.denoiser = self.load(spec, cpu_threads)
+        except Exception as e:  # told to the driver by info(), in one line, instead of an ActorDiedError
+            self.denoiser = None
+            self.load_error = " ".join(str(e).split())[:500] or type(e).__name__
 
     load_error: str | None = None
+
+    def load(self, spec, cpu_threads: int | None):
+        """The model this worker answers with (a subclass without a model returns None)."""
+        import torch
+
+        from .models import Denoiser
+
+        if cpu_threads and spec.device == "cpu":
+            # CPU float reductions depend on the intra-op thread count: pin it, so a CPU worker
+            # computes bit for bit what an in-process executor with as many threads computes.
+            torch.set_num_threads(cpu_threads)
+        return Denoiser(spec)
 
     def info(self) -> dict:
         import ray
@@ -106,40 +106,33 @@ class UNetWorker:
         and None is returned in its place. Returns ([outputs], busy seconds).
         """
         t0 = time.perf_counter()
-        deadline = t0
-        ctx = self._ctx
-        if ctx is None and self.simulate is None:
-            raise ContextMissing("predict before set_context: this worker has no render context (restarted?)")
         outs = []
         for x_ref, rows, crops, out_ref in units:
-            x = self._array(x_ref)
-            if self.simulate is not None:
-                deadline += self.simulate * len(rows)
-                time.sleep(max(0.0, deadline - time.perf_counter()))
-                y = np.zeros((len(rows),) + x.shape[1:], dtype=x.dtype)
-            else:
-                import torch
-
-                idx = [p for p, _ in rows]
-                xt = torch.from_numpy(np.ascontiguousarray(x[idx]))
-                out = self.denoiser.predict(xt, timestep, [tuple(crops[p]) for p in idx], [b for _, b in rows],
-                                            ctx["embeds"], ctx["original_size"])
-                # Outputs travel in the dtype the patches came in: float16 for a float16 UNet, whose
-                # outputs are float16 values anyway (lossless, half the bytes).
-                y = out.numpy().astype(x.dtype, copy=False)
+            y = self.predict_unit(timestep, self._array(x_ref), rows, crops)
             if out_ref is None:
                 outs.append(y)
             else:
                 self._shared.array(out_ref[0], out_ref[1], y.shape, y.dtype)[...] = y
                 outs.append(None)
-        if self.extra_delay_s:
-            time.sleep(self.extra_delay_s)
         return outs, time.perf_counter() - t0
+
+    def predict_unit(self, timestep: int, x: np.ndarray, rows: list[tuple], crops: list) -> np.ndarray:
+        """One work unit: the UNet on rows [(local_patch, branch)] of patches x [k,C,h,w] -> [rows,C,h,w]."""
+        import torch
+
+        ctx = self._ctx
+        if ctx is None:
+            raise ContextMissing("predict before set_context: this worker has no render context (restarted?)")
+        idx = [p for p, _ in rows]
+        xt = torch.from_numpy(np.ascontiguousarray(x[idx]))
+        out = self.denoiser.predict(xt, timestep, [tuple(crops[p]) for p in idx], [b for _, b in rows],
+                                    ctx["embeds"], ctx["original_size"])
+        # Outputs travel in the dtype the patches came in: float16 for a float16 UNet, whose
+        # outputs are float16 values anyway (lossless, half the bytes).
+        return out.numpy().astype(x.dtype, copy=False)
 
     def decode(self, tiles: list[np.ndarray], norm_stats: dict | None):
         t0 = time.perf_counter()
-        if self.simulate is not None:
-            return [np.zeros((3, t.shape[1] * 8, t.shape[2] * 8), np.float32) for t in tiles], time.perf_counter() - t0
         import torch
 
         outs = [self.denoiser.decode(torch.from_numpy(np.ascontiguousarray(t))[None], norm_stats=norm_stats)[0].numpy()
@@ -148,8 +141,6 @@ class UNetWorker:
 
     def group_norm_stats(self, latents: list[np.ndarray], max_side: int):
         t0 = time.perf_counter()
-        if self.simulate is not None:
-            return [{}], time.perf_counter() - t0
         import torch
 
         return [self.denoiser.group_norm_stats(torch.from_numpy(np.ascontiguousarray(latents[0])), max_side=max_side)], time.perf_counter() - t0

@@ -18,20 +18,33 @@ import subprocess
 import sys
 
 # Runs inside each checkout; only what every version of the package has had since the scaling benchmark.
+# Older packages hold the harness themselves (apt_dist.bench, RayExecutor's simulate_seconds_per_patch); newer ones
+# take this folder's (bench.py: SimulatedWorker through RayExecutor's worker_class).
 ONE_CHECKOUT = r"""
 import json, os, sys
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray
 import apt_dist
-from apt_dist.bench import ZeroExecutor, _render, sampling_seconds
 from apt_dist.config import RenderConfig
-from apt_dist.plan import plan
 from apt_dist.ray_executor import RayExecutor
+# By the checkout's files, not by what imports: an editable install elsewhere may fill in missing modules.
+has = lambda name: os.path.isfile(os.path.join(os.path.dirname(apt_dist.__file__), name))
+if has("planning.py"):
+    from apt_dist.planning import plan
+else:
+    from apt_dist.plan import plan
 workers, renders, spp, steps = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+if has("bench.py"):
+    from apt_dist.bench import ZeroExecutor, _render, sampling_seconds
+    simulated = lambda: RayExecutor(num_workers=workers, simulate_seconds_per_patch=spp, cpus_per_worker=1)
+else:
+    sys.path.insert(0, sys.argv[5])
+    from bench import ZeroExecutor, _render, sampling_seconds, simulated_executor
+    simulated = lambda: simulated_executor(workers, spp, cpus_per_worker=1)
 cfg = RenderConfig(model="sdxl-random", width=4096, height=4096, steps=steps, dtype="float16")
 _render(cfg, ZeroExecutor())
 ray.init(address="local", num_cpus=workers + 2, include_dashboard=False, log_to_driver=False)
-with RayExecutor(num_workers=workers, simulate_seconds_per_patch=spp, cpus_per_worker=1) as ex:
+with simulated() as ex:
     _render(cfg, ex)
     walls = [sampling_seconds(_render(cfg, ex)) for _ in range(renders)]
 ray.shutdown()
@@ -51,7 +64,9 @@ def label(checkout: str) -> str:
 
 
 def run_once(checkout: str, workers: int, renders: int, seconds_per_patch: float, steps: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", ONE_CHECKOUT, str(workers), str(renders), str(seconds_per_patch), str(steps)],
+    harness = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", ONE_CHECKOUT, str(workers), str(renders), str(seconds_per_patch), str(steps),
+                           harness],
                           cwd=checkout, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -72,7 +87,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
-    from apt_dist.bench import Table, _pct, emit, write_markdown
+    from bench import Table, _pct, emit, write_markdown
 
     walls: list[list[float]] = [[] for _ in args.checkouts]  # by position: the same folder twice is two rows
 

@@ -4,8 +4,8 @@
 # (Ray without its Java jars, to fit the 64 MiB limit). Writes everything under $OUT (default /tmp/device_out).
 #   bash benchmarks/device_check.sh [gpu] [scaling] [boundary] [ab]   (gpu and scaling when none is named)
 #   gpu:     benchmarks/gpu_check.py: sdxl-random 2048x2048 in-process (apt, demofusion) and on one Ray worker;
-#            apt-dist bench overhead.
-#   scaling: apt-dist bench scaling at WORKERS (default 4,8,16) on 16 cores instead of this repo's usual 2, the driver
+#            benchmarks/bench.py overhead.
+#   scaling: benchmarks/bench.py scaling at WORKERS (default 4,8,16) on 16 cores instead of this repo's usual 2, the driver
 #            on each of DRIVER_THREADS (default: "default 4", torch's own count and 4), REPEATS times each (default 1;
 #            repeats go to *_r2, *_r3 ...); the per-step timeline at each of TIMELINE_WORKERS (default "8 16"), driver on
 #            TIMELINE_THREADS (default torch's own).
@@ -30,7 +30,7 @@ fi
   python3 -c "import torch, diffusers, ray, transformers; print(torch.__version__, diffusers.__version__, ray.__version__, transformers.__version__)"; } 2>&1 | tee "$OUT/machine.txt"
 if [[ " $PARTS " == *" gpu "* ]]; then
   timeout "${GPU_CHECK_TIMEOUT:-330}" python3 benchmarks/gpu_check.py "$OUT" --steps "${STEPS:-50}" 2>&1 | grep -v '^\[transformers\]' | tee "$OUT/gpu_check.log"
-  timeout 90 python3 -m apt_dist bench overhead --json "$OUT/overhead_16cpu.json" --markdown "$OUT/overhead_16cpu.md" 2>&1 | tail -20
+  timeout 90 python3 benchmarks/bench.py overhead --json "$OUT/overhead_16cpu.json" --markdown "$OUT/overhead_16cpu.md" 2>&1 | tail -20
 fi
 if [[ " $PARTS " == *" scaling "* ]]; then
   for t in ${DRIVER_THREADS:-default 4}; do  # the driver's torch threads: torch's default (one per core), or t
@@ -38,7 +38,7 @@ if [[ " $PARTS " == *" scaling "* ]]; then
     [[ $t != default ]] && opt=(--driver-threads "$t") && sfx="_driver$t"
     for r in $(seq 1 "${REPEATS:-1}"); do
       rs=""; [[ $r != 1 ]] && rs="_r$r"
-      timeout 170 python3 -m apt_dist bench scaling --workers "${WORKERS:-4,8,16}" "${opt[@]}" \
+      timeout 170 python3 benchmarks/bench.py scaling --workers "${WORKERS:-4,8,16}" "${opt[@]}" \
         --json "$OUT/scaling_16cpu$sfx$rs.json" --markdown "$OUT/scaling_16cpu$sfx$rs.md" 2>&1 | tail -12
     done
   done

@@ -1,4 +1,4 @@
-"""One short GPU check, for a session that is lent a GPU machine (see README, "Measured").
+"""One short GPU check, for a session that is lent a GPU machine (see benchmarks/README.md).
 
 sdxl-random (the real SDXL UNet and VAE, random weights) at 2048x2048 on one GPU:
   1. in-process, --method apt and --method demofusion: seconds per phase, seconds per patch

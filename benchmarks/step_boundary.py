@@ -24,13 +24,13 @@ from collections import deque
 
 import numpy as np
 import torch
+from bench import Table, ZeroExecutor, emit
 
 import apt_dist
 from apt_dist import shared_memory
-from apt_dist.bench import Table, ZeroExecutor, emit
 from apt_dist.config import RenderConfig
 from apt_dist.executor import DeferredPatches
-from apt_dist.plan import plan
+from apt_dist.planning import plan
 from apt_dist.ray_executor import WorkerState, _shares, _Staging
 from apt_dist.sampler import render
 

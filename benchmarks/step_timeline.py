@@ -20,9 +20,10 @@ import time
 import ray
 import torch
 
-from apt_dist.bench import Table, emit
+from bench import SimulatedWorker, Table, emit
+
 from apt_dist.config import RenderConfig
-from apt_dist.plan import plan
+from apt_dist.planning import plan
 from apt_dist.ray_executor import RayExecutor
 from apt_dist.sampler import render
 
@@ -68,7 +69,8 @@ def main() -> int:
     ray.init(address="local", num_cpus=args.workers + 2, include_dashboard=False, log_to_driver=False)
     steps: list[tuple[int, list]] = []
     try:
-        with TimedExecutor(num_workers=args.workers, simulate_seconds_per_patch=args.seconds_per_patch) as ex:
+        with TimedExecutor(num_workers=args.workers, worker_class=SimulatedWorker, gpus_per_worker=0,
+                           worker_kwargs={"seconds_per_row": args.seconds_per_patch / 2}) as ex:
             render(cfg, executor=ex, progress=False)  # warm-up
             ex.marks.clear()
             last = [time.perf_counter()]

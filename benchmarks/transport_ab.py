@@ -19,10 +19,10 @@ import sys
 
 import ray
 
-from apt_dist.bench import Table, _pct, emit, machine, sampling_seconds
+from bench import Table, _pct, emit, machine, sampling_seconds, simulated_executor
+
 from apt_dist.config import RenderConfig
-from apt_dist.plan import plan
-from apt_dist.ray_executor import RayExecutor
+from apt_dist.planning import plan
 from apt_dist.sampler import render
 
 # mode: (shared_memory, direct_calls, the summary's (transport, calls_via))
@@ -50,7 +50,7 @@ def main() -> int:
     rows = []
     try:
         for k, n in enumerate(counts):
-            ex = RayExecutor(num_workers=n, simulate_seconds_per_patch=args.seconds_per_patch)
+            ex = simulated_executor(n, args.seconds_per_patch)
             got = {}
             try:
                 modes = list(MODES)[k % len(MODES):] + list(MODES)[:k % len(MODES)]

@@ -224,7 +224,7 @@ def test_a_checkpoint_of_another_render_exits_2_and_is_left_unchanged(two_phases
 
 def test_a_valid_checkpoint_loads_with_an_in_phase_record(two_phases, tmp_path):
     """The lead's sampler writes in-phase records: one of phase 3 at one of its steps passes every check."""
-    from apt_dist.plan import plan
+    from apt_dist import plan
 
     s = _state(two_phases, tmp_path)
     x = torch.randn(1, 4, 36, 48)
@@ -241,7 +241,7 @@ def test_restart_ignores_an_untrusted_checkpoint_and_overwrites_it(two_phases, t
     ck.write_bytes(b"garbage")
     assert cli.main(ARGS + ["--checkpoint", str(ck), "--out", str(out), "--restart"]) == 0
     assert out.exists() and "resumed" not in capsys.readouterr().out
-    from apt_dist.plan import plan
+    from apt_dist import plan
 
     assert len(ckpt.load(ck, small_config(), plan(small_config()), 4)["latents"]) == 3
 

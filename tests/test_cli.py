@@ -86,7 +86,7 @@ def test_bad_input_exits_2_with_one_line_naming_the_option(args, option, capsys,
 
 
 def test_a_latent_that_does_not_fit_the_drivers_memory_is_refused_naming_the_limit(capsys, no_models, tmp_path, monkeypatch):
-    from apt_dist import plan
+    from apt_dist import planning as plan
 
     monkeypatch.setattr(plan, "driver_memory_bytes", lambda: 2**27)
     # The tiny model, 16 float32 copies of the latent: 2048x2048 (4x256x256) 16 MiB fits in 128 MiB; 8192x8192, 256 MiB.
@@ -134,6 +134,90 @@ def test_plan_shows_the_shortcut_fraction_and_its_steps(capsys):
     assert d["shortcut"] == 0.3 and d["upscale_steps"] == 3
 
 
+def test_plan_names_the_model_geometry_it_used(capsys):
+    assert cli.main(["plan", "--model", "sdxl-random", "--width", "2048", "--height", "1024"]) == 0
+    out, err = capsys.readouterr()
+    assert "model sdxl-random: native window 128 latents = 1024 px" in out.splitlines()[0]
+    assert not err
+    assert cli.main(["plan", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["model"], doc["native_window"], doc["vae_scale"]) == ("tiny", 16, 8)
+
+
+def test_plan_warns_when_the_tiny_model_makes_a_large_size_many_phases(capsys):
+    assert cli.main(["plan", "--width", "4096", "--height", "4096"]) == 0
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1
+    assert "warning" in err and "32 phases" in err and "--model sdxl-random" in err
+    assert "UNet patch evaluations" in out  # the plan itself still goes to stdout
+    assert cli.main(["plan", "--width", "384", "--height", "384"]) == 0  # three phases: the tiny model's own sizes
+    assert not capsys.readouterr().err
+    assert cli.main(["plan", "--model", "sdxl-random", "--width", "4096", "--height", "4096"]) == 0
+    assert not capsys.readouterr().err
+
+
+def test_plan_workers_zero_exits_2(capsys):
+    assert cli.main(["plan", "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
+
+
+def test_version_prints_the_package_version(capsys):
+    import tomllib
+    from pathlib import Path
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert capsys.readouterr().out.strip() == f"apt-dist {project['version']}"
+
+
+def _subcommand(command):
+    import argparse
+
+    parser = cli.build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
+@pytest.mark.parametrize("command", ["render", "plan"])
+def test_every_option_shows_its_default_in_help(command):
+    sub = _subcommand(command)
+    formatter = sub._get_formatter()
+    options = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+    assert len(options) >= 30
+    missing = [a.option_strings[0] for a in options if "(default" not in formatter._get_help_string(a)]
+    assert not missing, missing
+
+
+def test_help_shows_renderconfigs_defaults_and_the_real_out_default(monkeypatch):
+    from apt_dist.config import RenderConfig
+
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside a help line
+
+    text = " ".join(_subcommand("render").format_help().split())
+    cfg = RenderConfig()
+    assert f"denoising steps N of the schedule (default: {cfg.steps})" in text
+    assert f"classifier-free guidance scale (default: {cfg.guidance_scale})" in text
+    assert f"(default: {cfg.model})" in text and "(default: as --method says" in text
+    assert "output PNG path (written atomically) (default: apt-dist.png)" in text
+    assert cli.build_parser().parse_args(["render"]).out == "apt-dist.png"
+
+
+def test_the_cli_shows_the_packages_log_on_stderr_one_line_each(capsys):
+    import logging
+
+    cli.configure_logging()
+    cli.configure_logging()  # twice: still one handler, one line per record
+    logging.getLogger("apt_dist.ray_executor").warning("worker 1 lost during timestep 981: RayActorError; 3 re-queued")
+    logging.getLogger("apt_dist.ray_executor").info("worker 1 is back")
+    logging.getLogger("apt_dist.ray_executor").debug("not shown")
+    out, err = capsys.readouterr()
+    assert not out
+    assert err.splitlines() == ["apt-dist: warning: worker 1 lost during timestep 981: RayActorError; 3 re-queued",
+                                "apt-dist: info: worker 1 is back"]
+
+
+@pytest.mark.slow
 def test_render_end_to_end_through_the_cli(tmp_path):
     out = tmp_path / "poster.png"
     proc = subprocess.run(
@@ -257,6 +341,7 @@ def test_ray_executor_with_an_address_that_does_not_answer_fails_before_ray_init
     assert time.perf_counter() - t0 < 30 and not ray.is_initialized()
 
 
+@pytest.mark.slow
 def test_more_workers_than_a_local_ray_instance_can_hold_fail_at_once_not_after_the_placement_timeout():
     import os
     import time

@@ -176,6 +176,7 @@ def test_poster_help():
         assert opt in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_poster_renders_locally(tmp_path):
     out = tmp_path / "poster.png"

@@ -1,7 +1,6 @@
 """ModelSource on Ray workers: LoRA and VAE built on every worker (again after a restart); load failures in one line."""
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -11,6 +10,7 @@ import ray
 import torch
 from helpers import small_config
 from test_loading import make_tiny_lora
+from test_ray import SlowWorker
 
 from apt_dist import render
 from apt_dist.executor import InProcessExecutor
@@ -39,7 +39,7 @@ def test_a_restarted_worker_loads_the_lora_and_vae_again(tmp_path):
     cfg = small_config(loras=[f"{lora}:0.7"], vae=str(tmp_path / "vae"))
     reference = render(cfg, executor=InProcessExecutor(), progress=False)
     assert reference.image.tobytes() != render(small_config(), progress=False).image.tobytes()
-    with RayExecutor(num_workers=1, worker_delay_s=0.15, max_restarts=1, cpus_per_worker=THREADS) as ex:
+    with RayExecutor(num_workers=1, worker_class=SlowWorker, max_restarts=1, cpus_per_worker=THREADS) as ex:
         killed = []
 
         def sigkill(phase, step, t):

@@ -4,7 +4,7 @@ import pytest
 
 from apt_dist import schedules as S
 from apt_dist.config import ConfigError, RenderConfig
-from apt_dist.plan import build_plan
+from apt_dist.planning import build_plan
 
 
 def sdxl_plan(**kw):
@@ -91,3 +91,13 @@ def test_scheduler_auto_follows_the_model_s_class_and_refuses_others():
     with pytest.raises(ConfigError, match=r"^--scheduler: .*DPMSolverMultistepScheduler.*--scheduler euler\|ddim"):
         build_plan(RenderConfig(width=128, height=128), 16, 8, dpm)
     assert build_plan(RenderConfig(width=128, height=128, scheduler="euler"), 16, 8, dpm).scheduler == "euler"
+
+
+def test_apt_dist_plan_is_the_function_even_after_the_sampler_is_imported():
+    import apt_dist
+    import apt_dist.sampler  # noqa: F401  (imports the planning module)
+    from apt_dist import Plan, plan
+
+    assert callable(plan) and apt_dist.plan is plan
+    p = plan(RenderConfig(width=384, height=384))
+    assert isinstance(p, Plan) and len(p.phases) == 3

@@ -1,5 +1,6 @@
 """The Ray executor on real local actors (CPU): same image as in-process, worker loss, placement."""
 
+import logging
 import os
 import signal
 import threading
@@ -9,16 +10,35 @@ import numpy as np
 import pytest
 import ray
 import torch
+from bench import SimulatedWorker, simulated_executor
 from helpers import small_config
 
 from apt_dist import render
 from apt_dist.executor import InProcessExecutor
 from apt_dist.ray_executor import ClusterError, RayExecutor
+from apt_dist.worker import UNetWorker
 
 pytestmark = pytest.mark.ray
 
 # CPU reductions depend on the intra-op thread count: workers get as many threads as this process has.
 THREADS = torch.get_num_threads()
+
+
+class SlowWorker(UNetWorker):
+    """The real UNet, each call kept in flight 0.15 s longer: time for a test to kill its worker mid-call.
+
+    Defined in this test module, which Ray's workers cannot import: RayExecutor sends the class by value.
+    """
+
+    def predict(self, timestep, units):
+        out = super().predict(timestep, units)
+        time.sleep(0.15)
+        return out
+
+    def finds_module(self, name: str) -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec(name) is not None
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,6 +53,7 @@ def reference():
     return render(small_config(), executor=InProcessExecutor(), progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_bit_identical_to_in_process(workers, reference):
     with RayExecutor(num_workers=workers, cpus_per_worker=THREADS) as ex:
@@ -49,6 +70,7 @@ def test_bit_identical_to_in_process(workers, reference):
     assert not summary["events"]  # undisturbed: no loss, and no call that ran before its worker had the context
 
 
+@pytest.mark.slow
 def test_shared_memory_with_ray_calls_is_bit_identical_too(reference):
     """direct_calls=False: the patches still go through /dev/shm, but every call is a Ray call."""
     with RayExecutor(num_workers=2, cpus_per_worker=THREADS, direct_calls=False) as ex:
@@ -58,6 +80,7 @@ def test_shared_memory_with_ray_calls_is_bit_identical_too(reference):
     assert {(w["transport"], w["calls_via"]) for w in summary["workers"]} == {("shared memory", "ray")}
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_serve_a_socket_is_called_through_ray(tmp_path, reference):
     """An AF_UNIX path over the kernel's limit (a long TMPDIR): that worker's calls go through Ray, same image."""
     long_dir = tmp_path / ("d" * 120)
@@ -71,6 +94,7 @@ def test_a_worker_that_cannot_serve_a_socket_is_called_through_ray(tmp_path, ref
     assert any("no direct channel" in e for e in summary["events"]), summary["events"]
 
 
+@pytest.mark.slow
 def test_object_store_transport_is_bit_identical_too(reference):
     """shared_memory=False: patches and predictions travel as Ray objects, as to workers on other nodes."""
     with RayExecutor(num_workers=2, cpus_per_worker=THREADS, shared_memory=False) as ex:
@@ -81,6 +105,7 @@ def test_object_store_transport_is_bit_identical_too(reference):
     assert {w["calls_via"] for w in summary["workers"]} == {"ray"}
 
 
+@pytest.mark.slow
 def test_a_full_dev_shm_falls_back_to_the_object_store(reference):
     """If the shared-memory file cannot grow (ENOSPC), the render goes on through Ray objects, same image."""
     with RayExecutor(num_workers=2, cpus_per_worker=THREADS) as ex:
@@ -118,17 +143,23 @@ def _kill_later(action, delay=0.1):
     return cb
 
 
-def test_ray_kill_of_a_worker_mid_phase(reference):
-    with RayExecutor(num_workers=2, worker_delay_s=0.15, cpus_per_worker=THREADS) as ex:
+def test_ray_kill_of_a_worker_mid_phase(reference, caplog):
+    caplog.set_level(logging.INFO, logger="apt_dist")
+    with RayExecutor(num_workers=2, worker_class=SlowWorker, cpus_per_worker=THREADS) as ex:
         r = render(small_config(), executor=ex, progress=False, callback=_kill_later(lambda: ray.kill(ex.workers[0].handle)))
         events = ex.summary()["events"]
     assert r.image.tobytes() == reference.image.tobytes()
     lost = [e for e in events if "lost during timestep" in e]
     assert lost and "re-queued" in lost[0], events
+    # ...and logged as it happened, a warning, each event once
+    logged = [(rec.levelno, rec.getMessage()) for rec in caplog.records if rec.name.startswith("apt_dist")]
+    assert (logging.WARNING, lost[0]) in logged
+    assert sorted(m for _, m in logged) == sorted(events)
 
 
-def test_sigkill_of_the_only_worker_restarts_it_and_reruns_its_batch(reference):
-    with RayExecutor(num_workers=1, worker_delay_s=0.15, max_restarts=1, cpus_per_worker=THREADS) as ex:
+def test_sigkill_of_the_only_worker_restarts_it_and_reruns_its_batch(reference, caplog):
+    caplog.set_level(logging.INFO, logger="apt_dist")
+    with RayExecutor(num_workers=1, worker_class=SlowWorker, max_restarts=1, cpus_per_worker=THREADS) as ex:
         killed = []
 
         def sigkill():
@@ -141,6 +172,9 @@ def test_sigkill_of_the_only_worker_restarts_it_and_reruns_its_batch(reference):
     assert any("lost during timestep" in e for e in summary["events"]), summary
     assert any("is back" in e for e in summary["events"]), summary
     assert killed and summary["workers"][0]["pid"] != killed[0]
+    logged = [(rec.levelname, rec.getMessage()) for rec in caplog.records if rec.name.startswith("apt_dist")]
+    assert any(level == "WARNING" and "lost during timestep" in m for level, m in logged), logged
+    assert any(level == "INFO" and "is back" in m for level, m in logged), logged
 
 
 @pytest.mark.parametrize("direct_calls", [True, False])
@@ -183,7 +217,7 @@ def test_a_worker_restarted_between_two_calls_gets_the_context_again(direct_call
 
 
 def test_no_worker_left_stops_with_a_clear_error():
-    with RayExecutor(num_workers=1, worker_delay_s=0.15, max_restarts=0, worker_timeout_s=10) as ex:
+    with RayExecutor(num_workers=1, worker_class=SlowWorker, max_restarts=0, worker_timeout_s=10) as ex:
         with pytest.raises(ClusterError, match="no live worker left"):
             render(small_config(), executor=ex, progress=False, callback=_kill_later(lambda: ray.kill(ex.workers[0].handle)))
 
@@ -203,10 +237,25 @@ def test_placement_failure_says_what_was_asked_and_what_the_cluster_has():
     assert not calls  # no work was done
 
 
+def test_a_worker_class_from_a_module_the_workers_cannot_import_runs_there():
+    """The seam for stand-in workers: a UNetWorker subclass defined in a test (or a benchmark script)."""
+    with RayExecutor(num_workers=1, worker_class=SlowWorker, cpus_per_worker=THREADS) as ex:
+        r = render(small_config(width=256, height=192, steps=2, shortcut_steps=1), executor=ex, progress=False)
+        worker = ex.workers[0].handle
+        assert ray.get(worker.finds_module.remote("apt_dist"))
+        assert not ray.get(worker.finds_module.remote(__name__))  # so the class travelled by value
+    assert r.image.size == (256, 192)
+
+
+def test_worker_class_must_be_a_unet_worker():
+    with pytest.raises(TypeError, match="worker_class"):
+        RayExecutor(worker_class=object)
+
+
 def test_simulated_workers_render_the_plan():
     """Simulated workers (sleep + zeros) still make the driver run every step; counts match the plan."""
     cfg = small_config(model="sdxl-random", width=2048, height=2048, steps=4, shortcut_steps=2)
-    with RayExecutor(num_workers=2, simulate_seconds_per_patch=0.0) as ex:
+    with simulated_executor(2, 0.0) as ex:
         r = render(cfg, executor=ex, progress=False)
         served = sum(w["patches"] for w in ex.summary()["workers"])
     assert r.patch_evals == r.plan.unet_patch_evals == 4 + 2 * 13
@@ -218,7 +267,6 @@ def test_the_driver_blurs_the_dilated_views_while_the_first_calls_run(monkeypatc
     import apt_dist.fusion
 
     made = []
-    ex = None
     inputs = apt_dist.fusion.DilatedViews.inputs
 
     def spy_inputs(self):
@@ -227,13 +275,14 @@ def test_the_driver_blurs_the_dilated_views_while_the_first_calls_run(monkeypatc
 
     monkeypatch.setattr(apt_dist.fusion.DilatedViews, "inputs", spy_inputs)
     cfg = small_config(model="sdxl-random", width=2048, height=2048, steps=4, shortcut_steps=2)
-    with RayExecutor(num_workers=2, simulate_seconds_per_patch=0.0) as ex:
+    with RayExecutor(num_workers=2, worker_class=SimulatedWorker, gpus_per_worker=0) as ex:
         render(cfg, executor=ex, progress=False)
     # One per upscaling step, with the first worker's window call already out: the second worker's share holds
     # the dilated views, so its call waits for the blur.
     assert made == [1, 1]
 
 
+@pytest.mark.slow
 def test_float16_model_travels_in_float16_and_stays_bit_identical():
     """A float16 UNet's inputs and outputs are float16 values: sending them as float16 changes nothing."""
     cfg = small_config(dtype="float16", width=256, height=192)

@@ -10,7 +10,7 @@ from apt_dist import render
 from apt_dist.executor import InProcessExecutor
 from apt_dist.ray_executor import RayExecutor
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

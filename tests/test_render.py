@@ -20,6 +20,7 @@ def base_result(executor):
     return render(small_config(), executor=executor, progress=False)
 
 
+@pytest.mark.slow
 def test_three_phases_non_square(base_result):
     r = base_result
     assert r.image.size == (384, 288)
@@ -27,6 +28,7 @@ def test_three_phases_non_square(base_result):
     assert r.latent.shape == (1, 4, 36, 48)
 
 
+@pytest.mark.slow
 def test_same_seed_is_bit_identical_other_seed_differs(executor, base_result):
     again = render(small_config(), executor=executor, progress=False)
     assert torch.equal(again.latent, base_result.latent)
@@ -35,6 +37,7 @@ def test_same_seed_is_bit_identical_other_seed_differs(executor, base_result):
     assert other.image.tobytes() != base_result.image.tobytes()
 
 
+@pytest.mark.slow
 def test_plan_counts_equal_executor_counts_and_shortcut_timesteps(executor):
     cfg = RenderConfig(prompt="x", width=256, height=192, steps=50)  # APT defaults: T0 = 30
     seen = []
@@ -50,6 +53,7 @@ def test_plan_counts_equal_executor_counts_and_shortcut_timesteps(executor):
         assert ph_plan.patch_evals == ph_stats.patch_evals
 
 
+@pytest.mark.slow
 def test_methods_and_ablations_change_the_image(executor, base_result):
     base = base_result.latent
     for change in (dict(method="demofusion", shortcut_steps=None), dict(statistical_matching=False),
@@ -59,6 +63,7 @@ def test_methods_and_ablations_change_the_image(executor, base_result):
         assert not torch.equal(r.latent, base), change
 
 
+@pytest.mark.slow
 def test_work_unit_shape_does_not_change_the_math(executor, base_result):
     """Batching/splitting the guidance halves only regroups UNet rows: same image to float tolerance."""
     r = render(small_config(view_batch_size=4, split_guidance=False), executor=executor, progress=False)
@@ -86,6 +91,7 @@ class OrderedExecutor(InProcessExecutor):
                 deliver(group, [outs[k] for k in group])
 
 
+@pytest.mark.slow
 def test_replies_in_any_order_and_grouping_give_the_same_image(base_result):
     for backwards in (False, True):
         r = render(small_config(), executor=OrderedExecutor(backwards), progress=False)
@@ -112,6 +118,7 @@ def test_nan_stops_the_render_naming_phase_and_step():
         render(cfg, executor=NaNExecutor(8), progress=False)
 
 
+@pytest.mark.slow
 def test_render_from_a_saved_pretrained_folder_equals_tiny(tmp_path, executor, base_result):
     build_tiny_pipeline().save_pretrained(tmp_path / "tiny-sdxl")
     r = render(small_config(model=str(tmp_path / "tiny-sdxl")), progress=False)

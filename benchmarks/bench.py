@@ -1,4 +1,4 @@
-"""Benchmarks behind `apt-dist bench <what>`: one function per benchmark, one table type.
+"""The benchmark harness: `python benchmarks/bench.py <what>`, one function per benchmark, one table type.
 
   phases    per-phase wall time, UNet patch evaluations and driver share (in-process, real UNet)
   overhead  driver + Ray transport cost per patch evaluation, with a zero-cost UNet stand-in
@@ -8,24 +8,36 @@
 Every number about sampling comes from `RenderResult.phases` (the sampling phases only), so
 model loading, Ray start-up, actor start-up and the VAE decode are never in it. Runs are
 done side by side in one process; on a shared machine compare the ratios, not the seconds.
+
+The stand-ins the benchmarks use live here, not in the runtime package: `ZeroExecutor` (a
+zero-cost UNet in the driver's process) and `SimulatedWorker` (a Ray worker whose UNet call
+sleeps), which `RayExecutor(worker_class=...)` runs. The other scripts in benchmarks/ import
+them from here (`from bench import ...`: a script's folder is on its sys.path).
+
+    python benchmarks/bench.py phases --method demofusion --markdown benchmarks/results/phases_demofusion.md
+    python benchmarks/bench.py scaling --workers 4,8,16 --json scaling.json
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from .config import RenderConfig
-from .executor import Executor, RenderContext
-from .outputs import write_atomic
+from apt_dist.config import ConfigError, RenderConfig
+from apt_dist.executor import Executor, RenderContext
+from apt_dist.outputs import write_atomic
+from apt_dist.worker import UNetWorker
 
 BENCHMARKS = ("phases", "overhead", "scaling", "workers")
 
@@ -115,13 +127,60 @@ class ZeroExecutor(Executor):
         return {}
 
 
+# ---- a Ray worker whose UNet call sleeps -------------------------------------------------------
+class SimulatedWorker(UNetWorker):
+    """Answers every UNet row with zeros after `seconds_per_row`; builds no model.
+
+    The sleeps run to deadlines, so a call of n rows takes n x the set time, without the
+    oversleep of n separate sleeps. `extra_delay_s` keeps each call in flight a while longer
+    (fault-injection tests).
+    """
+
+    def __init__(self, spec, cpu_threads=None, seconds_per_row: float = 0.0, extra_delay_s: float = 0.0):
+        self.seconds_per_row = seconds_per_row
+        self.extra_delay_s = extra_delay_s
+        self._deadline = 0.0
+        super().__init__(spec, cpu_threads)
+        self._ctx = {}  # needs no prompt embeddings: never refuses a call for want of a context
+
+    def load(self, spec, cpu_threads):
+        return None
+
+    def predict(self, timestep, units):
+        self._deadline = time.perf_counter()
+        outs, busy = super().predict(timestep, units)
+        if self.extra_delay_s:
+            time.sleep(self.extra_delay_s)
+        return outs, busy
+
+    def predict_unit(self, timestep, x, rows, crops):
+        self._deadline += self.seconds_per_row * len(rows)
+        time.sleep(max(0.0, self._deadline - time.perf_counter()))
+        return np.zeros((len(rows),) + x.shape[1:], dtype=x.dtype)
+
+    def decode(self, tiles, norm_stats):
+        return [np.zeros((3, t.shape[1] * 8, t.shape[2] * 8), np.float32) for t in tiles], 0.0
+
+    def group_norm_stats(self, latents, max_side):
+        return [{}], 0.0
+
+
+def simulated_executor(num_workers: int, seconds_per_patch: float, **kwargs):
+    """A RayExecutor over SimulatedWorkers: a patch (both guidance rows) takes `seconds_per_patch`; no GPUs."""
+    from apt_dist.ray_executor import RayExecutor
+
+    kwargs.setdefault("gpus_per_worker", 0)
+    return RayExecutor(num_workers=num_workers, worker_class=SimulatedWorker,
+                       worker_kwargs={"seconds_per_row": seconds_per_patch / 2}, **kwargs)
+
+
 def sampling_seconds(result) -> float:
     """Wall time of the sampling phases: no model set-up, no actor start-up, no decode."""
     return sum(p.seconds for p in result.phases)
 
 
 def _render(config: RenderConfig, executor):
-    from .sampler import render
+    from apt_dist.sampler import render
 
     return render(config, executor=executor, progress=False)
 
@@ -147,7 +206,7 @@ def _ray_shutdown(started: bool) -> None:
 # ---- 1. phases ---------------------------------------------------------------------------------
 def bench_phases(config: RenderConfig, warmup: bool = True) -> Table:
     """Render in-process (after a warm-up render: first UNet calls per shape are slow on CPU); time each phase."""
-    from .executor import InProcessExecutor
+    from apt_dist.executor import InProcessExecutor
 
     ex = InProcessExecutor()
     if warmup:
@@ -181,12 +240,10 @@ def bench_overhead(config: RenderConfig, workers: int = 2, repeats: int = 3) -> 
 
     Each executor renders once to warm up, then `repeats` times, the two interleaved; the median counts.
     """
-    from .ray_executor import RayExecutor
-
     started = _ray_init(workers + 2)
     try:
         zero = ZeroExecutor()
-        ray_ex = RayExecutor(num_workers=workers, simulate_seconds_per_patch=0.0)
+        ray_ex = simulated_executor(workers, 0.0)
         runs = {"zero": [], "ray": []}
         try:
             for i in range(repeats + 1):  # run 0 is the warm-up
@@ -224,8 +281,7 @@ def bench_scaling(config: RenderConfig, workers: list[int], seconds_per_patch: f
     share of every run, which the barrier bound leaves out), then one RayExecutor per worker count on one
     Ray instance.
     """
-    from .plan import plan
-    from .ray_executor import RayExecutor
+    from apt_dist.planning import plan
 
     p = plan(config)
     whole = plan(dataclasses.replace(config, split_guidance=False))
@@ -242,7 +298,7 @@ def bench_scaling(config: RenderConfig, workers: list[int], seconds_per_patch: f
     runs = []
     try:
         for n in workers:
-            ex = RayExecutor(num_workers=n, simulate_seconds_per_patch=seconds_per_patch, cpus_per_worker=1)
+            ex = simulated_executor(n, seconds_per_patch, cpus_per_worker=1)
             try:
                 r = _render(config, ex)
                 summary = ex.summary()
@@ -278,8 +334,8 @@ def bench_workers(config: RenderConfig, workers: list[int]) -> Table:
 
     Each executor renders once to warm up (first UNet calls per shape are slow), then once measured.
     """
-    from .executor import InProcessExecutor
-    from .ray_executor import RayExecutor
+    from apt_dist.executor import InProcessExecutor
+    from apt_dist.ray_executor import RayExecutor
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -319,8 +375,44 @@ def bench_workers(config: RenderConfig, workers: list[int]) -> Table:
 
 
 # ---- command line ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from apt_dist.cli import HelpFormatter, Parser, add_config_options
+
+    def options(config: dict) -> str:
+        return " ".join(f"--{name.replace('_', '-')} {value}" for name, value in config.items()) or "none"
+
+    own = "; ".join(f"{what}: {options(config)}" for what, config in DEFAULT_CONFIGS.items())
+    b = Parser(prog="python benchmarks/bench.py", description="apt-dist benchmarks; each prints a table",
+               epilog=f"Each benchmark's own defaults come before the render defaults shown above ({own}).",
+               formatter_class=HelpFormatter)
+    b.add_argument("what", choices=BENCHMARKS,
+                   help="phases: per-phase time, patch evaluations and driver share (in-process); "
+                        "overhead: driver + Ray transport ms per patch with a zero-cost UNet; "
+                        "scaling: simulated workers against the ideal and the per-step barrier bound; "
+                        "workers: in-process against CPU Ray workers, per core")
+    add_config_options(b)
+    add_arguments(b)
+    return b
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python benchmarks/bench.py <what> [options]`: bad options exit 2 with one line, as apt-dist's own."""
+    ns = build_parser().parse_args(argv)
+    names = {f.name for f in dataclasses.fields(RenderConfig)}
+    command = "python benchmarks/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        if ns.driver_threads is not None:
+            if ns.driver_threads < 1:
+                raise ConfigError("--driver-threads", f"must be an integer >= 1, got {ns.driver_threads}")
+            torch.set_num_threads(ns.driver_threads)
+        return run(ns.what, {k: v for k, v in vars(ns).items() if k in names}, ns, command)
+    except ConfigError as e:
+        print(f"bench.py {ns.what}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def add_arguments(b) -> None:
-    """The bench subcommand's own options (RenderConfig options are added by the CLI)."""
+    """The benchmarks' own options (RenderConfig options are added as for apt-dist)."""
     b.add_argument("--json", dest="json_path", metavar="PATH", default=None, help="also write the numbers as JSON")
     b.add_argument("--markdown", metavar="PATH", default=None, help="also write the table as Markdown")
     b.add_argument("--workers", default=None,
@@ -340,8 +432,6 @@ def config_for(what: str, overrides: dict) -> RenderConfig:
 
 
 def parse_workers(text: str | None, what: str) -> list[int]:
-    from .config import ConfigError
-
     if text is None:
         return list(DEFAULT_WORKERS.get(what, [1]))
     try:
@@ -372,7 +462,7 @@ def run(what: str, overrides: dict, ns, command: str | None = None) -> int:
         text = json.dumps(doc, indent=2, default=str)
         write_atomic(ns.json_path, lambda f: f.write(text.encode()))
     if ns.markdown:
-        write_markdown(ns.markdown, table, command or f"apt-dist bench {what}", info)
+        write_markdown(ns.markdown, table, command or f"python benchmarks/bench.py {what}", info)
     return 0
 
 
@@ -391,3 +481,7 @@ def write_markdown(path: str, table: Table, command: str, info: dict | None = No
     head = [f"`{command}`", "", machine_line, ""]
     text = "\n".join(head) + "\n" + table.markdown()
     write_atomic(path, lambda f: f.write(text.encode()))  # a run stopped mid-write leaves the file as it was
+
+
+if __name__ == "__main__":
+    sys.exit(main())
