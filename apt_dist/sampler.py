@@ -174,7 +174,9 @@ class _Sampler:
             from tqdm.auto import tqdm
 
             done = len(self.resume["latents"]) if self.resume else 0
-            self.bar = tqdm(total=sum(p.steps for p in self.plan.phases[done:]), unit="step", dynamic_ncols=True)
+            within = self.resume.get("in_phase") if self.resume else None
+            skipped = within["step"] - self.plan.phases[done].start_step if within else 0
+            self.bar = tqdm(total=sum(p.steps for p in self.plan.phases[done:]) - skipped, unit="step", dynamic_ncols=True)
         try:
             return self._run()
         finally:
@@ -182,34 +184,41 @@ class _Sampler:
                 self.bar.close()
 
     def _run(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        latents: list[torch.Tensor] = []
-        x = ref = None
-        if self.resume:  # phases already done: their latents and the generator as it was after them
-            latents = list(self.resume["latents"])
-            x, ref = latents[-1], ReferenceStats.of(latents[0])
+        self.latents: list[torch.Tensor] = []  # each finished phase's latent
+        x = ref = within = None
+        if self.resume:  # phases already done, the generator as it was after them, maybe a step of the next
+            self.latents = list(self.resume["latents"])
+            if self.latents:
+                x, ref = self.latents[-1], ReferenceStats.of(self.latents[0])
             self.gen.set_state(self.resume["generator"])
-        for phase in self.plan.phases[len(latents):]:
+            within = self.resume.get("in_phase")
+        for phase in self.plan.phases[len(self.latents):]:
             t0, ex0, ev0 = time.perf_counter(), self.ex.stats.seconds, self.ex.stats.patch_evals
+            self._saved_at = t0
             if phase.index == 1:
-                x = self.reference_phase(phase)
+                x = self.reference_phase(phase, within)
                 ref = ReferenceStats.of(x)
             else:
-                x = self.upscale_phase(phase, x, ref)
-            latents.append(x)
-            if self.checkpoint:
-                self.saver.save(self.cfg, latents, self.gen)
+                x = self.upscale_phase(phase, x, ref, within)
+            within = None
+            self.latents.append(x)
+            if self.saver is not None:
+                self.saver.save(self.cfg, self.latents, self.gen)
             self.stats.append(
                 PhaseStats(phase.index, phase.width, phase.height, phase.steps, time.perf_counter() - t0,
                            self.ex.stats.seconds - ex0, self.ex.stats.patch_evals - ev0)
             )
-        return x, latents
+        return x, self.latents
 
     # ---- phase 1: the reference latent -------------------------------------------
-    def reference_phase(self, phase: PhasePlan) -> torch.Tensor:
+    def reference_phase(self, phase: PhasePlan, within: dict | None = None) -> torch.Tensor:
         sched = self.schedule(None)
         shape = (1, self.info.latent_channels, phase.latent_height, phase.latent_width)
         x = torch.randn(shape, generator=self.gen) * S.init_noise_sigma(sched)
-        for i in self._steps(phase):
+        if within:  # resumed from a checkpoint inside this phase
+            x = self._resume_within(within)
+        for i in self._steps(phase, within):
+            self._checkpoint_within(phase, i, x)
             t = S.model_timestep(sched, i)
             (eps,) = self.ex.predict(t, [S.scale_model_input(sched, x, i)[0]], [(0, 0)])
             x = S.step(sched, x, eps[None], i)
@@ -217,7 +226,7 @@ class _Sampler:
         return x
 
     # ---- phases 2..S: upscale, match, re-noise, denoise with fused views ---------
-    def upscale_phase(self, phase: PhasePlan, prev: torch.Tensor, ref: ReferenceStats) -> torch.Tensor:
+    def upscale_phase(self, phase: PhasePlan, prev: torch.Tensor, ref: ReferenceStats, within: dict | None = None) -> torch.Tensor:
         cfg, n, stride, vae_scale = self.cfg, self.plan.native_window, self.plan.stride, self.plan.vae_scale
         h, w, d = phase.latent_height, phase.latent_width, phase.dilation
         z = F.interpolate(prev, size=(h, w), mode="bicubic", align_corners=False)
@@ -226,8 +235,11 @@ class _Sampler:
         sched = self.schedule(phase.eta)  # Scale-aware Scheduling
         noise = torch.randn(z.shape, generator=self.gen)  # one draw for the whole phase
         x = S.add_noise(sched, z, noise, phase.start_step)  # the shortcut: start at N - T0
+        if within:  # resumed from a checkpoint inside this phase
+            noise, x = within["noise"], self._resume_within(within)
         jr = jitter_range(n, stride)
-        for i in self._steps(phase):
+        for i in self._steps(phase, within):
+            self._checkpoint_within(phase, i, x, noise)
             t, c1, c2, c3 = self.weights(sched, i)
             # Skip residual towards the noised upsampled latent: (1 - c1) x + c1 zhat_i.
             x = torch.lerp(S.add_noise(sched, z, noise, i), x, 1 - c1)
@@ -253,10 +265,24 @@ class _Sampler:
         return t, cf**cfg.cosine_scale_1, cf**cfg.cosine_scale_2, 0.99 * cf**cfg.cosine_scale_3 + 0.01
 
     # ---- helpers -----------------------------------------------------------------
-    def _steps(self, phase: PhasePlan):
+    def _steps(self, phase: PhasePlan, within: dict | None = None):
         if self.bar is not None:
             self.bar.set_description(f"phase {phase.index}/{len(self.plan.phases)} {phase.width}x{phase.height}")
-        return range(phase.start_step, phase.start_step + phase.steps)
+        return range(within["step"] if within else phase.start_step, phase.start_step + phase.steps)
+
+    def _checkpoint_within(self, phase: PhasePlan, i: int, x: torch.Tensor, noise: torch.Tensor | None = None) -> None:
+        """Every `checkpoint_every_s` seconds of work, the state before step i: a driver killed late in a long
+        phase then loses at most that, not the phase. The generator is saved before step i's draws."""
+        if self.saver is None or i == phase.start_step or time.perf_counter() - self._saved_at < self.checkpoint_every_s:
+            return
+        self.saver.save(self.cfg, self.latents, self.gen,
+                        in_phase={"phase": phase.index, "step": i, "x": x, "noise": noise, "generator": self.gen.get_state()})
+        self._saved_at = time.perf_counter()
+
+    def _resume_within(self, within: dict) -> torch.Tensor:
+        """Resume at the checkpointed step: its generator state (after the phase's own draws), and its x."""
+        self.gen.set_state(within["generator"])
+        return within["x"]
 
     def _check(self, total: torch.Tensor, phase: PhasePlan, i: int, t: int) -> None:
         """`total`: the sum of the step's output. A NaN or inf anywhere makes it one (latents never overflow it)."""
