@@ -10,7 +10,7 @@ import torch
 from helpers import small_config
 
 from apt_dist import checkpoint as ckpt
-from apt_dist import cli, models, render, sampler
+from apt_dist import cli, render, sampler
 from apt_dist.config import ConfigError
 from apt_dist.executor import InProcessExecutor
 
@@ -229,16 +229,6 @@ RAW = {
 }
 
 
-@pytest.fixture
-def no_render(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("the render started before the checkpoint was checked")
-
-    monkeypatch.setattr(models, "Denoiser", boom)
-    monkeypatch.setattr(models, "encode_prompt", boom)
-    monkeypatch.setattr(sampler, "render", boom)
-
-
 def _refused(data: bytes, tmp_path, capsys, extra=()):
     ck, out = tmp_path / "bad.ckpt", tmp_path / "out.png"
     ck.write_bytes(data)
@@ -251,18 +241,18 @@ def _refused(data: bytes, tmp_path, capsys, extra=()):
 
 
 @pytest.mark.parametrize("case", sorted(TAMPERED))
-def test_a_tampered_checkpoint_is_refused_with_exit_2_and_left_unchanged(case, two_phases, tmp_path, capsys, no_render):
+def test_a_tampered_checkpoint_is_refused_with_exit_2_and_left_unchanged(case, two_phases, tmp_path, capsys, no_models):
     data = TAMPERED[case](_state(two_phases, tmp_path))
     (tmp_path / "orig.ckpt").unlink()
     _refused(data, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("case", sorted(RAW))
-def test_a_damaged_checkpoint_file_is_refused_with_exit_2_and_left_unchanged(case, two_phases, tmp_path, capsys, no_render):
+def test_a_damaged_checkpoint_file_is_refused_with_exit_2_and_left_unchanged(case, two_phases, tmp_path, capsys, no_models):
     _refused(RAW[case](two_phases), tmp_path, capsys)
 
 
-def test_the_checks_say_what_is_wrong(two_phases, tmp_path, capsys, no_render):
+def test_the_checks_say_what_is_wrong(two_phases, tmp_path, capsys, no_models):
     s = _state(two_phases, tmp_path)
     (tmp_path / "orig.ckpt").unlink()
     assert "4 phase latents but this render has 3 phases" in _refused(TAMPERED["extra latent"](s), tmp_path, capsys)
@@ -273,7 +263,7 @@ def test_the_checks_say_what_is_wrong(two_phases, tmp_path, capsys, no_render):
     assert "--restart" in _refused(TAMPERED["scaled values"](s), tmp_path, capsys)
 
 
-def test_a_checkpoint_of_another_render_exits_2_and_is_left_unchanged(two_phases, tmp_path, capsys, no_render):
+def test_a_checkpoint_of_another_render_exits_2_and_is_left_unchanged(two_phases, tmp_path, capsys, no_models):
     ck, out = tmp_path / "c.ckpt", tmp_path / "out.png"
     ck.write_bytes(two_phases)
     assert cli.main([a if a != "7" else "99" for a in ARGS] + ["--checkpoint", str(ck), "--out", str(out)]) == 2
