@@ -328,6 +328,11 @@ def _render(config: RenderConfig, ns) -> int:
     plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels)
     if ns.checkpoint and not ns.restart:  # a checkpoint that cannot be trusted is refused here, before any work
         ckpt.load(ns.checkpoint, config, plan, info.latent_channels)
+    if config.init_image is not None:
+        first = plan.phases[0]
+        print(f"upscaling {config.init_image} ({_size(config.init_image)}), phase 1 at {first.width}x{first.height}"
+              + (f", {config.init_fit} to the target's aspect" if config.init_fit != "exact" else "")
+              + (f", phase 1 img2img at strength {config.init_strength:g} ({first.steps} steps)" if config.init_strength else ""))
     remove_stale_files()  # what drivers killed on this node left behind
     try:
         result = render(config, executor=executor, progress=not ns.no_progress, checkpoint=ns.checkpoint,
@@ -341,11 +346,6 @@ def _render(config: RenderConfig, ns) -> int:
         paths = write_result(result, ns.out)
     except Exception as e:
         raise RuntimeFailure(f"could not write {ns.out} ({type(e).__name__}: {e}); {_keep_result(result, ns)}") from e
-    if config.init_image is not None:
-        first = result.plan.phases[0]
-        print(f"upscaling {config.init_image} ({_size(config.init_image)}), phase 1 at {first.width}x{first.height}"
-              + (f", {config.init_fit} to the target's aspect" if config.init_fit != "exact" else "")
-              + (f", phase 1 img2img at strength {config.init_strength:g} ({first.steps} steps)" if config.init_strength else ""))
     print(
         f"done in {result.seconds:.1f} s: {len(result.plan.phases)} phases to {config.width}x{config.height}, "
         f"{result.patch_evals} UNet patch evaluations (x2 guidance branches), wrote {paths[0]}"
