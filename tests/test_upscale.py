@@ -312,3 +312,16 @@ def test_non_square_picture_with_crop_center(tmp_path, capsys):
     img = Image.open(out)
     assert img.size == (256, 256)
     assert json.loads(img.text["apt_dist_config"])["init_fit"] == "crop"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_only_with_the_same_picture(tmp_path):
+    pic = _picture(tmp_path / "in.png", 128, 96)
+    cfg = small_config(width=256, height=192, steps=3, shortcut_steps=2, init_image=str(pic))
+    ckpt = tmp_path / "run.ckpt"
+    first = render(cfg, progress=False, checkpoint=str(ckpt))
+    again = render(cfg, progress=False, checkpoint=str(ckpt))
+    assert again.resumed_phases == 2 and torch.equal(again.latent, first.latent)
+    _picture(pic, 128, 96, "L")  # another picture under the same name
+    with pytest.raises(ConfigError, match=r"--checkpoint: .* was written for another render \(differs in: init_image\)"):
+        render(cfg, progress=False, checkpoint=str(ckpt))
