@@ -224,7 +224,7 @@ def _upscale(args, capsys):
         code = cli.main(["upscale", *map(str, args)])
     except SystemExit as e:  # argparse's own errors
         code = e.code
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     return code, err
 
 
