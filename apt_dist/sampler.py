@@ -3,6 +3,7 @@
 Read top to bottom, `render` is the paper:
 
   phase 1      plain SDXL text-to-image at the native size -> reference latent z1
+               (upscale: an existing picture's latent, as it is or img2img'd)
   phase s >= 2 bicubic upsample
                Statistical Matching of the dilated sub-lattices to z1        (APT)
                Scale-aware Scheduling: this phase's own beta table (eta_s)  (APT)
@@ -35,7 +36,7 @@ from .geometry import jitter_range, local_windows
 from .matching import ReferenceStats, standardize_to, statistical_matching
 from .outputs import to_pil
 from .planning import PhasePlan, Plan, build_plan, phase_schedule
-from .tiling import decode_tiled
+from .tiling import decode_tiled, encode_tiled
 
 
 class RenderError(RuntimeError):
@@ -87,6 +88,7 @@ def render(
     pipe=None,
     checkpoint_every_s: float = 60.0,
     restart: bool = False,
+    init_latent: torch.Tensor | None = None,
 ) -> RenderResult:
     """Render `config`. `executor` defaults to an in-process one on `config.device`.
 
@@ -95,6 +97,8 @@ def render(
     checkpoint of the same configuration resumes from it (`restart=True`: ignores it, and
     overwrites it as the render goes). `pipe`: a loaded diffusers StableDiffusionXLPipeline whose
     components are used in this process instead of loading `config.model` (see loading.from_pipeline).
+    `init_latent` [1, C, h1, w1] (phase 1's latent size), or `config.init_image` (encoded here): phase 1 starts
+    from that latent instead of noise (`config.init_strength`: 0 uses it as it is; see `_Sampler.reference_phase`).
     """
     from . import checkpoint as ckpt
     from .loading import from_pipeline, prepare
@@ -102,8 +106,15 @@ def render(
     config.validate()
     t_start = time.perf_counter()
     spec, info, encode, denoiser = from_pipeline(pipe, config, executor) if pipe is not None else prepare(config)
-    plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels)
+    from_image = init_latent is not None or config.init_image is not None
+    plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels, from_image)
+    _check_init_latent(init_latent, config, plan, info, checkpoint)
     resume = ckpt.load(checkpoint, config, plan, info.latent_channels) if checkpoint and not restart else None
+    pixels = None
+    if config.init_image is not None and not (resume and resume["latents"]):
+        from .init_image import prepare_pixels
+
+        pixels = prepare_pixels(config, plan.phases[0])
     embeds = encode(config.prompt, config.negative_prompt, config.seed)
 
     own = executor is None
@@ -112,7 +123,9 @@ def render(
         executor.start(
             RenderContext(spec, embeds, (config.height, config.width), config.guidance_scale, config.view_batch_size, config.split_guidance)
         )
-        sampler = _Sampler(config, plan, info, executor, callback, progress, checkpoint, resume)
+        if pixels is not None:
+            init_latent = encode_image(pixels, executor, config, info)
+        sampler = _Sampler(config, plan, info, executor, callback, progress, checkpoint, resume, init_latent)
         sampler.checkpoint_every_s = checkpoint_every_s
         latent, phase_latents = sampler.run()
         t_dec = time.perf_counter()
@@ -151,14 +164,42 @@ def decode(latent: torch.Tensor, executor: Executor, config: RenderConfig, info)
     return decode_tiled(latent, lambda tiles: executor.decode(tiles, stats), tile, overlap, info.vae_scale, context)
 
 
+def encode_image(image: torch.Tensor, executor: Executor, config: RenderConfig, info) -> torch.Tensor:
+    """Tiled VAE encode of [1, 3, H, W] pixels in [-1, 1]: `decode`'s tiles, with the encoder's GroupNorm
+    statistics of the whole image shared by every tile."""
+    tile = config.decode_tile or info.native_window
+    overlap = config.decode_overlap if config.decode_overlap is not None else tile // 4
+    # The encoder reaches further than the decoder: 12 latents in the tiny VAE.
+    context = config.decode_context if config.decode_context is not None else max(16, tile // 4)
+    stats = executor.encoder_norm_stats(image, max(tile, 64) * info.vae_scale)
+    return encode_tiled(image, lambda tiles: executor.encode(tiles, stats), tile, overlap, info.vae_scale, context)
+
+
+def _check_init_latent(init_latent, config: RenderConfig, plan: Plan, info, checkpoint) -> None:
+    if init_latent is None:
+        return
+    if config.init_image is not None:
+        raise ValueError("give init_latent or config.init_image, not both")
+    if checkpoint:
+        raise ValueError("init_latent cannot be checked against a checkpoint; render with init_image, or without a checkpoint")
+    p1 = plan.phases[0]
+    want = (1, info.latent_channels, p1.latent_height, p1.latent_width)
+    if not isinstance(init_latent, torch.Tensor) or tuple(init_latent.shape) != want:
+        got = tuple(init_latent.shape) if isinstance(init_latent, torch.Tensor) else type(init_latent).__name__
+        raise ValueError(f"init_latent must be phase 1's latent, a float tensor of shape {list(want)}, got {got}")
+    if not torch.isfinite(init_latent).all():
+        raise ValueError("init_latent has non-finite values (NaN or inf)")
+
+
 class _Sampler:
     def __init__(self, config: RenderConfig, plan: Plan, info, executor: Executor, callback, progress: bool,
-                 checkpoint: str | None = None, resume: dict | None = None):
+                 checkpoint: str | None = None, resume: dict | None = None, init_latent: torch.Tensor | None = None):
         from . import checkpoint as ckpt
 
         self.cfg, self.plan, self.info, self.ex = config, plan, info, executor
         self.callback, self.progress = callback, progress
         self.checkpoint, self.resume = checkpoint, resume
+        self.init_latent = None if init_latent is None else init_latent.detach().to("cpu", torch.float32)
         self.saver = ckpt.Saver(checkpoint) if checkpoint else None
         self.checkpoint_every_s = 60.0  # in-phase checkpoints: seconds of work between two
         self.gen = torch.Generator().manual_seed(config.seed)
@@ -196,7 +237,7 @@ class _Sampler:
             t0, ex0, ev0 = time.perf_counter(), self.ex.stats.seconds, self.ex.stats.patch_evals
             self._saved_at = t0
             if phase.index == 1:
-                x = self.reference_phase(phase, within)
+                x = self.reference_phase(phase, self.init_latent, within)
                 ref = ReferenceStats.of(x)
             else:
                 x = self.upscale_phase(phase, x, ref, within)
@@ -211,10 +252,16 @@ class _Sampler:
         return x, self.latents
 
     # ---- phase 1: the reference latent -------------------------------------------
-    def reference_phase(self, phase: PhasePlan, within: dict | None = None) -> torch.Tensor:
+    def reference_phase(self, phase: PhasePlan, init: torch.Tensor | None = None, within: dict | None = None) -> torch.Tensor:
+        """Text-to-image from noise; or from a picture's latent `init`, re-noised to the plan's start step
+        (img2img) and denoised from there, or (no steps: init_strength 0) taken as it is."""
         sched = self.schedule(None)
         shape = (1, self.info.latent_channels, phase.latent_height, phase.latent_width)
-        x = torch.randn(shape, generator=self.gen) * S.init_noise_sigma(sched)
+        noise = torch.randn(shape, generator=self.gen)  # drawn even when unused: later draws stay text-to-image's
+        if init is None:
+            x = noise * S.init_noise_sigma(sched)
+        else:
+            x = S.add_noise(sched, init, noise, phase.start_step) if phase.steps else init.clone()
         if within:  # resumed from a checkpoint inside this phase
             x = self._resume_within(within)
         for i in self._steps(phase, within):

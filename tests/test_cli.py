@@ -166,7 +166,7 @@ def _subcommand(command):
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
 
 
-@pytest.mark.parametrize("command", ["render", "plan"])
+@pytest.mark.parametrize("command", ["render", "upscale", "plan"])
 def test_every_option_shows_its_default_in_help(command):
     sub = _subcommand(command)
     formatter = sub._get_formatter()

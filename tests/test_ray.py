@@ -279,3 +279,23 @@ def test_float16_model_travels_in_float16_and_stays_bit_identical():
         r = render(cfg, executor=ex, progress=False)
         assert ex._wire_dtype == np.float16
     assert torch.equal(r.latent, expected.latent)
+
+
+@pytest.mark.slow
+def test_upscale_of_a_picture_on_two_workers_is_bit_identical_to_in_process(tmp_path):
+    """The picture's encode tiles and the upscaling phases run on the workers: same bits as in-process."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:96, 0:128]
+    rgb = np.stack([128 + 100 * np.sin(x / 13), 128 + 100 * np.cos(y / 9), 60 + 0 * x], -1).astype(np.uint8)
+    Image.fromarray(rgb, "RGB").save(tmp_path / "in.png")
+    cfg = small_config(width=256, height=192, init_image=str(tmp_path / "in.png"), init_strength=0.0,
+                       decode_tile=8, decode_overlap=2)
+    here = render(cfg, executor=InProcessExecutor(), progress=False)
+    with RayExecutor(num_workers=2, cpus_per_worker=THREADS) as ex:
+        r = render(cfg, executor=ex, progress=False)
+        encoded_tiles = ex.stats.encode_tiles
+    assert encoded_tiles == 6  # 3 x 2 tiles of 8 latents over 16 x 12
+    assert torch.equal(r.phase_latents[0], here.phase_latents[0])  # the encoded picture
+    assert torch.equal(r.latent, here.latent)
+    assert r.image.tobytes() == here.image.tobytes()
