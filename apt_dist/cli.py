@@ -54,8 +54,15 @@ HELP = {
     "stride": "local window stride in latents (default: native window / 2)",
     "jitter": "jitter the local windows every step",
     "anchor_renorm": "renormalise each phase to the reference latent's statistics",
-    "view_batch_size": "patches per UNet call",
-    "split_guidance": "run the two guidance branches as separate UNet calls (finer load balance)",
+    "view_batch_size": "patches per UNet call, or auto: sized for the workers' device (CPU: 8; CUDA: the largest of 8, 4, "
+                       "2, 1 that fits its memory), never for their number; bigger calls run faster per patch but give "
+                       "fewer units to share at each step's barrier (see plan --workers N) (default: auto)",
+    "split_guidance": "run the two guidance branches as separate UNet calls: twice the units, half the rows (finer "
+                      "load balance, slower per patch) (default: auto, which batches them on every device)",
+    "gpu_memory": "GiB of GPU memory one worker may use: sizes auto units and checks that a worker fits, before any "
+                  "work (default: the GPU's, read on the workers; plan: none, no memory estimate)",
+    "compile": "torch.compile the UNet on every worker (and in-process); the first render of each shape pays the "
+               "compile, later ones read torch's cache (TORCHINDUCTOR_CACHE_DIR)",
     "decode_tile": "VAE decode tile in latents (default: native window)",
     "decode_overlap": "VAE decode tile overlap in latents (default: tile / 4)",
     "decode_context": "latents of surroundings decoded with each tile and cropped off (default: max(8, tile / 8))",
@@ -106,6 +113,10 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
         kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if f.name == "eta":
             p.add_argument(opt, type=parse_eta, **kw)
+        elif f.name == "view_batch_size":
+            p.add_argument(opt, type=_auto_or_int, metavar="N|auto", **kw)
+        elif f.name == "split_guidance":
+            p.add_argument(opt, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "loras":
             p.add_argument(opt, action="append", metavar="FILE[:SCALE]", **kw)
         elif hint in (bool, bool | None):
@@ -113,6 +124,15 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
         else:
             base = next(a for a in typing.get_args(hint) if a is not type(None)) if typing.get_args(hint) else hint
             p.add_argument(opt, type=base, **kw)
+
+
+def _auto_or_int(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}") from None
 
 
 def config_from_args(ns: argparse.Namespace) -> RenderConfig:
@@ -400,13 +420,21 @@ def _plan(config: RenderConfig, ns) -> int:
         how = f"--shortcut {p.shortcut}" if p.shortcut is not None else (
             "--shortcut-steps" if config.shortcut_steps is not None else "demofusion: all steps")
         print(f"upscaling phases: {up.steps} of {config.steps} steps, from step {up.start_step} ({how})")
-    print(f"{'phase':>5} {'size':>11} {'d':>2} {'steps':>5} {'t0':>4} {'eta':>4} {'local':>5} {'dilated':>7} {'patches':>8}")
+    print(f"work units: {p.units.describe()}")
+    print(f"{'phase':>5} {'size':>11} {'d':>2} {'steps':>5} {'t0':>4} {'eta':>4} {'local':>5} {'dilated':>7} {'patches':>8} "
+          f"{'units/step':>10}")
     for ph in p.phases:
         print(
             f"{ph.index:>5} {f'{ph.width}x{ph.height}':>11} {ph.dilation:>2} {ph.steps:>5} {_t(ph.start_timestep):>4} "
-            f"{'own' if ph.eta is None else f'{ph.eta:.1f}':>4} {ph.local_windows:>5} {ph.dilated_patches:>7} {ph.patch_evals:>8}"
+            f"{'own' if ph.eta is None else f'{ph.eta:.1f}':>4} {ph.local_windows:>5} {ph.dilated_patches:>7} {ph.patch_evals:>8} "
+            f"{ph.units_per_step:>10}"
         )
-    print(f"UNet patch evaluations (per guidance branch): {p.unet_patch_evals}")
+    print(f"UNet patch evaluations (per guidance branch): {p.unet_patch_evals}, in {p.unet_calls} UNet calls")
+    mem = p.units.memory
+    if mem is not None:
+        gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+        print(f"GPU memory per worker (estimate, not yet calibrated on a GPU): {gib(mem.need)} GiB of "
+              f"{p.units.device.memory_gib:.1f} GiB: " + ", ".join(f"{n} {gib(b)}" for n, b in mem.parts()))
     if "estimate" in d:
         e = d["estimate"]
         print(f"on {e['workers']} workers at {ns.seconds_per_patch * 1000:.0f} ms/patch: ideal {e['ideal_s']:.1f} s, "

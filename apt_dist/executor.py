@@ -195,6 +195,13 @@ class Executor(ABC):
         self.context = context
         self.stats = ExecutorStats()
 
+    def device_profile(self, gpu_memory: float | None = None):
+        """The devices.DeviceProfile of the UNets this executor runs (after start): what auto units are sized for.
+        `gpu_memory`: GiB per worker, instead of the GPU's own."""
+        from .devices import local_device
+
+        return local_device(self.context.model.device, gpu_memory)
+
     def predict(self, timestep: int, patches: list[torch.Tensor], crops: list[tuple[int, int]], then=None) -> list:
         """Guided noise predictions for `patches` ([C, h, w] float32 model inputs, or DeferredPatches) at `timestep`.
 

@@ -14,6 +14,7 @@ from bench import SimulatedWorker, simulated_executor
 from helpers import small_config
 
 from apt_dist import render
+from apt_dist.devices import CPU_VIEWS
 from apt_dist.executor import InProcessExecutor
 from apt_dist.ray_executor import ClusterError, RayExecutor
 from apt_dist.worker import UNetWorker
@@ -56,9 +57,13 @@ def reference():
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_bit_identical_to_in_process(workers, reference):
+    """At the defaults: auto units, sized for CPU workers whatever their number."""
     with RayExecutor(num_workers=workers, cpus_per_worker=THREADS) as ex:
         r = render(small_config(), executor=ex, progress=False)
         summary = ex.summary()
+    assert r.plan.units.auto and r.plan.units.device.kind == "cpu"
+    assert (r.plan.units.view_batch_size, r.plan.units.split_guidance) == (CPU_VIEWS, False)
+    assert r.plan.unet_calls == reference.plan.unet_calls == summary["unet_calls"]
     assert torch.equal(r.latent, reference.latent)
     assert r.image.tobytes() == reference.image.tobytes()
     served = [w["patches"] for w in summary["workers"]]
