@@ -59,7 +59,8 @@ def local_device(device: str = "auto", gpu_memory: float | None = None) -> Devic
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     if dev.type != "cuda":
-        return DeviceProfile("cpu") if gpu_memory is None else DeviceProfile("cuda", float(gpu_memory), "--gpu-memory")
+        # `apt-dist plan --gpu-memory` on a machine without a GPU: plan for CUDA workers (unless told --device cpu).
+        return DeviceProfile("cpu") if gpu_memory is None or device == "cpu" else DeviceProfile("cuda", float(gpu_memory), "--gpu-memory")
     if gpu_memory is not None:
         return DeviceProfile("cuda", float(gpu_memory), "--gpu-memory")
     props = torch.cuda.get_device_properties(dev)

@@ -198,8 +198,10 @@ class Executor(ABC):
     def device_profile(self, gpu_memory: float | None = None):
         """The devices.DeviceProfile of the UNets this executor runs (after start): what auto units are sized for.
         `gpu_memory`: GiB per worker, instead of the GPU's own."""
-        from .devices import local_device
+        from .devices import DeviceProfile, local_device
 
+        if self.context.model.torch_device().type != "cuda":
+            return DeviceProfile("cpu")
         return local_device(self.context.model.device, gpu_memory)
 
     def predict(self, timestep: int, patches: list[torch.Tensor], crops: list[tuple[int, int]], then=None) -> list:

@@ -133,3 +133,11 @@ def test_4096_and_8192_apt_plan_to_fit_24_gib_workers():
         p = plan(RenderConfig(model="sdxl-random", width=side, height=side, gpu_memory=24.0))
         assert p.units.memory.need <= 24 * GIB
         assert p.units.view_batch_size >= 1
+
+
+def test_a_cpu_render_sizes_its_units_for_the_cpu_even_with_gpu_memory_given():
+    from apt_dist import render
+
+    assert plan(small_config(gpu_memory=24.0)).units.device.kind == "cuda"  # plan: for CUDA workers of 24 GiB
+    r = render(small_config(gpu_memory=24.0, width=128, height=128, steps=2, shortcut_steps=None), progress=False)
+    assert r.plan.units.device.kind == "cpu" and r.plan.units.view_batch_size == CPU_VIEWS
