@@ -115,6 +115,8 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(opt, type=parse_eta, **kw)
         elif f.name == "view_batch_size":
             p.add_argument(opt, type=_auto_or_int, metavar="N|auto", **kw)
+        elif f.name == "gpu_memory":
+            p.add_argument(opt, type=float, metavar="GiB", **kw)
         elif f.name == "split_guidance":
             p.add_argument(opt, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "loras":
