@@ -127,6 +127,9 @@ def write_result(result, out: str | os.PathLike) -> list[Path]:
     # Every phase of the plan: a resumed render's too, not only the phases it rendered itself.
     extra = {"apt_dist_version": __version__, "phases": [f"{p.width}x{p.height}" for p in result.plan.phases],
              "scheduler": result.plan.scheduler}  # what --scheduler auto resolved to
+    units = result.plan.units
+    if units is not None:  # what auto units resolved to (the image's last bits depend on the rows a call)
+        extra["units"] = {"view_batch_size": units.view_batch_size, "split_guidance": units.split_guidance}
     info = png_metadata(cfg.prompt, cfg.seed, cfg.to_json(), extra)
     out = Path(out)
     paths = [save_png_atomic(result.image, out, info)]
