@@ -141,3 +141,14 @@ def test_a_cpu_render_sizes_its_units_for_the_cpu_even_with_gpu_memory_given():
     assert plan(small_config(gpu_memory=24.0)).units.device.kind == "cuda"  # plan: for CUDA workers of 24 GiB
     r = render(small_config(gpu_memory=24.0, width=128, height=128, steps=2, shortcut_steps=None), progress=False)
     assert r.plan.units.device.kind == "cpu" and r.plan.units.view_batch_size == CPU_VIEWS
+
+
+def test_ray_workers_report_the_smallest_gpu_times_their_share_of_it():
+    from apt_dist.ray_executor import RayExecutor, WorkerState
+
+    ex = RayExecutor(num_workers=2, gpus_per_worker=0.5)
+    ex.workers = [WorkerState(None, 0, {"gpu_total_bytes": 80 * GIB, "gpu_name": "H100"}),
+                  WorkerState(None, 1, {"gpu_total_bytes": 24 * GIB, "gpu_name": "L4"})]
+    assert ex.device_profile() == DeviceProfile("cuda", 12.0, "L4")
+    assert ex.device_profile(10.0) == DeviceProfile("cuda", 10.0, "--gpu-memory")
+    assert RayExecutor(num_workers=1, gpus_per_worker=0).device_profile(24.0) == DeviceProfile("cpu")
