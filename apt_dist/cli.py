@@ -54,7 +54,7 @@ HELP = {
     "stride": "local window stride in latents (default: native window / 2)",
     "jitter": "jitter the local windows every step",
     "anchor_renorm": "renormalise each phase to the reference latent's statistics",
-    "view_batch_size": "patches per UNet call, or auto: sized for the workers' device (CPU: 8; CUDA: the largest of 8, 4, "
+    "view_batch_size": "patches per UNet call, or auto: sized for the workers' device (CPU: 16; CUDA: the largest of 8, 4, "
                        "2, 1 that fits its memory), never for their number; bigger calls run faster per patch but give "
                        "fewer units to share at each step's barrier (see plan --workers N) (default: auto)",
     "split_guidance": "run the two guidance branches as separate UNet calls: twice the units, half the rows (finer "

@@ -31,7 +31,7 @@ import weakref
 from dataclasses import asdict, dataclass
 
 AUTO = "auto"
-CPU_VIEWS = 8  # patches per call on CPU (16 rows): benchmarks/README.md, "Units on CPU"
+CPU_VIEWS = 16  # patches per call on CPU (32 rows, as DemoFusion batches): benchmarks/README.md, "Units on CPU"
 CUDA_VIEWS = (8, 4, 2, 1)  # tried largest first; 8 patches = 16 rows, DemoFusion's own batch of 16 views halved
 GPU_RESERVE_GIB = 1.5  # CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation (not calibrated)
 GIB = 2**30

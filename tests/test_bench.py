@@ -150,4 +150,4 @@ def test_gpu_bench_and_equal_work_dry_run_on_the_cpu(tmp_path):
                            "--json", str(tmp_path / "ew.json")], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "ew.json").read_text())["rows"]
-    assert [r[0] for r in rows] == ["apt", "demofusion"] and all(r[5] > 0 for r in rows)
+    assert [r[0] for r in rows] == ["apt", "demofusion"] and all(r[5] > 0 and r[9] > 0 for r in rows)

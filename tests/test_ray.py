@@ -279,7 +279,9 @@ def test_the_driver_blurs_the_dilated_views_while_the_first_calls_run(monkeypatc
         return inputs(self)
 
     monkeypatch.setattr(apt_dist.fusion.DilatedViews, "inputs", spy_inputs)
-    cfg = small_config(model="sdxl-random", width=2048, height=2048, steps=4, shortcut_steps=2)
+    # One patch a call, halves apart: a step of many units (auto units on CPU put a step in two calls).
+    cfg = small_config(model="sdxl-random", width=2048, height=2048, steps=4, shortcut_steps=2, view_batch_size=1,
+                       split_guidance=True)
     with RayExecutor(num_workers=2, worker_class=SimulatedWorker, gpus_per_worker=0) as ex:
         render(cfg, executor=ex, progress=False)
     # One per upscaling step, with the first worker's window call already out: the second worker's share holds
