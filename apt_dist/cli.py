@@ -434,7 +434,9 @@ def _plan(config: RenderConfig, ns) -> int:
     print(f"UNet patch evaluations (per guidance branch): {p.unet_patch_evals}, in {p.unet_calls} UNet calls")
     mem = p.units.memory
     if mem is not None:
-        gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+        def gib(b: int) -> str:
+            return f"{b / 2**30:.2f}"
+
         print(f"GPU memory per worker (estimate, not yet calibrated on a GPU): {gib(mem.need)} GiB of "
               f"{p.units.device.memory_gib:.1f} GiB: " + ", ".join(f"{n} {gib(b)}" for n, b in mem.parts()))
     if "estimate" in d:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import weakref
 from dataclasses import asdict, dataclass
 

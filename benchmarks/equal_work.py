@@ -76,7 +76,7 @@ class SamplingCPU:
     work done, not the time spent waiting for a core."""
 
     def __init__(self):
-        import apt_dist.sampler as sampler
+        from apt_dist import sampler
 
         self.last = 0.0
         run = sampler._Sampler.run

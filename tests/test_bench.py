@@ -139,7 +139,8 @@ def test_gpu_bench_and_equal_work_dry_run_on_the_cpu(tmp_path):
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_bench.py"), "--model", "tiny", "--device", "cpu",
                            "--dtypes", "float32", "--rows", "2,4", "--seconds", "0.1", "--peak-tflops", "1",
-                           "--json", str(tmp_path / "mfu.json")], capture_output=True, text=True, timeout=300, env=env)
+                           "--json", str(tmp_path / "mfu.json")], capture_output=True, text=True, timeout=300, env=env,
+                          check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     (mfu,) = json.loads((tmp_path / "mfu.json").read_text())
     assert [r[2] for r in mfu["rows"]] == [2, 4]
@@ -147,7 +148,8 @@ def test_gpu_bench_and_equal_work_dry_run_on_the_cpu(tmp_path):
     assert any("scaled_dot_product" in n for n in mfu["notes"])
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "equal_work.py"), "--no-ray", "--rounds", "1",
                            "--width", "256", "--height", "256", "--steps", "2", "--threads", "1",
-                           "--json", str(tmp_path / "ew.json")], capture_output=True, text=True, timeout=300, env=env)
+                           "--json", str(tmp_path / "ew.json")], capture_output=True, text=True, timeout=300, env=env,
+                          check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "ew.json").read_text())["rows"]
     assert [r[0] for r in rows] == ["apt", "demofusion"] and all(r[5] > 0 and r[9] > 0 for r in rows)

@@ -33,8 +33,8 @@ CASES = {
                                                       view_batch_size=2),
     "apt_euler_global_stats_nojitter": dict(width=256, height=256, jitter=False, sm_stats="global"),
     # The defaults: work units sized for the device (auto), which here batches both branches of several views.
-    "demofusion_defaults_auto_units": dict(method="demofusion", shortcut_steps=None, view_batch_size="auto",
-                                           split_guidance="auto"),
+    "demofusion_defaults_auto_units": {"method": "demofusion", "shortcut_steps": None, "view_batch_size": "auto",
+                                       "split_guidance": "auto"},
 }
 
 
