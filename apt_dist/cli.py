@@ -290,8 +290,9 @@ def _render(config: RenderConfig, ns) -> int:
     from .sampler import render
 
     _, info, _, _ = prepare(config)  # the model's files and configs checked before any weights load
-    # Model-dependent checks (steps, sizes), still before any weights.
-    plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels)
+    # Model-dependent checks (steps, sizes, and that a worker's GPU fits the units), still before any weights.
+    plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels,
+                      _worker_device(config, ns))
     if ns.checkpoint and not ns.restart:  # a checkpoint that cannot be trusted is refused here, before any work
         ckpt.load(ns.checkpoint, config, plan, info.latent_channels)
     remove_stale_files()  # what drivers killed on this node left behind
@@ -315,6 +316,18 @@ def _render(config: RenderConfig, ns) -> int:
     )
     _print_workers(result.executor_summary)
     return 0
+
+
+def _worker_device(config: RenderConfig, ns):
+    """The workers' devices.DeviceProfile as far as the options tell before any starts (None: this process's device).
+    Ray workers with GPUs and --gpu-memory are checked here, before any work; without it, once they run."""
+    from .devices import DeviceProfile, gpu_workers
+
+    if ns.workers is None and ns.address is None:
+        return None
+    if ns.gpus_per_worker == 0:
+        return DeviceProfile("cpu")
+    return gpu_workers(config.gpu_memory) if config.gpu_memory is not None else None
 
 
 def _keep_result(result, ns) -> str:

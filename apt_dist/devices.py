@@ -54,12 +54,12 @@ class DeviceProfile:
 
 def local_device(device: str = "auto", gpu_memory: float | None = None) -> DeviceProfile:
     """The device of a UNet in this process (`device` as RenderConfig.device); `gpu_memory` GiB overrides the GPU's."""
+    # Without CUDA here, gpu_memory is ignored: `plan` (planning.plan) plans for CUDA workers itself.
     import torch
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     if dev.type != "cuda":
-        # `apt-dist plan --gpu-memory` on a machine without a GPU: plan for CUDA workers (unless told --device cpu).
-        return DeviceProfile("cpu") if gpu_memory is None or device == "cpu" else DeviceProfile("cuda", float(gpu_memory), "--gpu-memory")
+        return DeviceProfile("cpu")
     if gpu_memory is not None:
         return DeviceProfile("cuda", float(gpu_memory), "--gpu-memory")
     props = torch.cuda.get_device_properties(dev)
@@ -218,6 +218,11 @@ def vae_memory(vae_config_json: str, dtype: str, side: int) -> tuple[int, int]:
     with torch.inference_mode(), _FusedAttention(), LiveBytes() as live:
         vae.decode(torch.empty(1, int(cfg.get("latent_channels", 4)), side, side, device="meta", dtype=dt), return_dict=False)
     return weights, live.peak
+
+
+def gpu_workers(gpu_memory: float) -> DeviceProfile:
+    """CUDA workers with `gpu_memory` GiB each (--gpu-memory), wherever they are."""
+    return DeviceProfile("cuda", float(gpu_memory), "--gpu-memory")
 
 
 def model_configs(spec) -> tuple[dict, dict]:

@@ -210,10 +210,15 @@ def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.S
 
 
 def plan(config: RenderConfig) -> Plan:
-    """The plan of `config`: reads the model's configuration only, loads no weights."""
+    """The plan of `config`: reads the model's configuration only, loads no weights. With config.gpu_memory, for CUDA
+    workers of that memory."""
     from .loading import model_source
     from .models import model_info
 
+    from .devices import gpu_workers
+
     config.validate()
     info = model_info(model_source(config))
-    return build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels)
+    # --gpu-memory: plan for CUDA workers of that size, whatever this machine has (unless --device cpu).
+    device = gpu_workers(config.gpu_memory) if config.gpu_memory is not None and config.device != "cpu" else None
+    return build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels, device)

@@ -152,3 +152,12 @@ def test_ray_workers_report_the_smallest_gpu_times_their_share_of_it():
     assert ex.device_profile() == DeviceProfile("cuda", 12.0, "L4")
     assert ex.device_profile(10.0) == DeviceProfile("cuda", 10.0, "--gpu-memory")
     assert RayExecutor(num_workers=1, gpus_per_worker=0).device_profile(24.0) == DeviceProfile("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_cpu_render_with_gpu_memory_is_not_refused_for_a_gpu_it_does_not_use(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    # --device auto on a machine without CUDA: `plan --gpu-memory 1` plans for CUDA workers (and refuses), a render runs
+    assert cli.main(["render", "--gpu-memory", "1", "--width", "128", "--height", "128", "--steps", "2",
+                     "--no-progress", "--out", str(out)]) == 0
+    assert out.exists()
