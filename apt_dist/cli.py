@@ -55,8 +55,15 @@ HELP = {
     "stride": "local window stride in latents (default: native window / 2)",
     "jitter": "jitter the local windows every step",
     "anchor_renorm": "renormalise each phase to the reference latent's statistics",
-    "view_batch_size": "patches per UNet call",
-    "split_guidance": "run the two guidance branches as separate UNet calls (finer load balance)",
+    "view_batch_size": "patches per UNet call, or auto: sized for the workers' device (CPU: 16; CUDA: the largest of 8, 4, "
+                       "2, 1 that fits its memory), never for their number; bigger calls run faster per patch but give "
+                       "fewer units to share at each step's barrier (see plan --workers N) (default: auto)",
+    "split_guidance": "run the two guidance branches as separate UNet calls: twice the units, half the rows (finer "
+                      "load balance, slower per patch) (default: auto, which batches them on every device)",
+    "gpu_memory": "GiB of GPU memory one worker may use: sizes auto units and checks that a worker fits, before any "
+                  "work (default: the GPU's, read on the workers; plan: none, no memory estimate)",
+    "compile": "torch.compile the UNet on every worker (and in-process); the first render of each shape pays the "
+               "compile, later ones read torch's cache (TORCHINDUCTOR_CACHE_DIR)",
     "decode_tile": "VAE decode tile in latents, also upscale's encode tile (default: native window)",
     "decode_overlap": "VAE decode tile overlap in latents (default: tile / 4)",
     "decode_context": "latents of surroundings decoded with each tile and cropped off (default: max(8, tile / 8); "
@@ -114,6 +121,12 @@ def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), h
         kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if f.name == "eta":
             p.add_argument(opt, type=parse_eta, **kw)
+        elif f.name == "view_batch_size":
+            p.add_argument(opt, type=_auto_or_int, metavar="N|auto", **kw)
+        elif f.name == "gpu_memory":
+            p.add_argument(opt, type=float, metavar="GiB", **kw)
+        elif f.name == "split_guidance":
+            p.add_argument(opt, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "loras":
             p.add_argument(opt, action="append", metavar="FILE[:SCALE]", **kw)
         elif hint in (bool, bool | None):
@@ -121,6 +134,15 @@ def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), h
         else:
             base = next(a for a in typing.get_args(hint) if a is not type(None)) if typing.get_args(hint) else hint
             p.add_argument(opt, type=base, **kw)
+
+
+def _auto_or_int(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto, got {text!r}") from None
 
 
 def config_from_args(ns: argparse.Namespace) -> RenderConfig:
@@ -324,8 +346,9 @@ def _render(config: RenderConfig, ns) -> int:
     from .sampler import render
 
     _, info, _, _ = prepare(config)  # the model's files and configs checked before any weights load
-    # Model-dependent checks (steps, sizes), still before any weights.
-    plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels)
+    # Model-dependent checks (steps, sizes, and that a worker's GPU fits the units), still before any weights.
+    plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels,
+                      device=_worker_device(config, ns))
     if ns.checkpoint and not ns.restart:  # a checkpoint that cannot be trusted is refused here, before any work
         ckpt.load(ns.checkpoint, config, plan, info.latent_channels)
     if config.init_image is not None:
@@ -361,6 +384,18 @@ def _size(image) -> str:
 
     w, h = check_image(image)
     return f"{w}x{h}"
+
+
+def _worker_device(config: RenderConfig, ns):
+    """The workers' devices.DeviceProfile as far as the options tell before any starts (None: this process's device).
+    Ray workers with GPUs and --gpu-memory are checked here, before any work; without it, once they run."""
+    from .devices import DeviceProfile, gpu_workers
+
+    if ns.workers is None and ns.address is None:
+        return None
+    if ns.gpus_per_worker == 0:
+        return DeviceProfile("cpu")
+    return gpu_workers(config.gpu_memory) if config.gpu_memory is not None else None
 
 
 def _keep_result(result, ns) -> str:
@@ -468,13 +503,23 @@ def _plan(config: RenderConfig, ns) -> int:
         how = f"--shortcut {p.shortcut}" if p.shortcut is not None else (
             "--shortcut-steps" if config.shortcut_steps is not None else "demofusion: all steps")
         print(f"upscaling phases: {up.steps} of {config.steps} steps, from step {up.start_step} ({how})")
-    print(f"{'phase':>5} {'size':>11} {'d':>2} {'steps':>5} {'t0':>4} {'eta':>4} {'local':>5} {'dilated':>7} {'patches':>8}")
+    print(f"work units: {p.units.describe()}")
+    print(f"{'phase':>5} {'size':>11} {'d':>2} {'steps':>5} {'t0':>4} {'eta':>4} {'local':>5} {'dilated':>7} {'patches':>8} "
+          f"{'units/step':>10}")
     for ph in p.phases:
         print(
             f"{ph.index:>5} {f'{ph.width}x{ph.height}':>11} {ph.dilation:>2} {ph.steps:>5} {_t(ph.start_timestep):>4} "
-            f"{'own' if ph.eta is None else f'{ph.eta:.1f}':>4} {ph.local_windows:>5} {ph.dilated_patches:>7} {ph.patch_evals:>8}"
+            f"{'own' if ph.eta is None else f'{ph.eta:.1f}':>4} {ph.local_windows:>5} {ph.dilated_patches:>7} {ph.patch_evals:>8} "
+            f"{ph.units_per_step:>10}"
         )
-    print(f"UNet patch evaluations (per guidance branch): {p.unet_patch_evals}")
+    print(f"UNet patch evaluations (per guidance branch): {p.unet_patch_evals}, in {p.unet_calls} UNet calls")
+    mem = p.units.memory
+    if mem is not None:
+        def gib(b: int) -> str:
+            return f"{b / 2**30:.2f}"
+
+        print(f"GPU memory per worker (estimate, not yet calibrated on a GPU): {gib(mem.need)} GiB of "
+              f"{p.units.device.memory_gib:.1f} GiB: " + ", ".join(f"{n} {gib(b)}" for n, b in mem.parts()))
     if "estimate" in d:
         e = d["estimate"]
         print(f"on {e['workers']} workers at {ns.seconds_per_patch * 1000:.0f} ms/patch: ideal {e['ideal_s']:.1f} s, "

@@ -69,9 +69,12 @@ class RenderConfig:
     stride: int | None = None  # local window stride in latents; None: native // 2
     jitter: bool = True
     anchor_renorm: bool = True
-    # Work units: patches per UNet call, and whether the two guidance halves are separate calls.
-    view_batch_size: int = 1
-    split_guidance: bool = True
+    # Work units: patches per UNet call, and whether the two guidance halves are separate calls;
+    # "auto": sized for the workers' device kind and memory, never their number (devices.py).
+    view_batch_size: int | str = "auto"
+    split_guidance: bool | str = "auto"
+    gpu_memory: float | None = None  # GiB one worker's GPU may use; None: as detected (CUDA) or none (CPU)
+    compile: bool = False  # torch.compile the UNet (first render of a shape compiles; later ones read the cache)
     # Upscaling an existing picture (apt-dist upscale): it takes the place of phase 1's result.
     init_image: object = None  # PIL.Image or an image file's path; None: text-to-image
     init_strength: float = 0.0  # 0: the picture as it is; (0, 1]: phase 1 re-noised and denoised, as img2img
@@ -155,7 +158,14 @@ class RenderConfig:
             raise ConfigError("--sigma", f"must be a finite number > 0, got {self.sigma!r}")
         if self.stride is not None:
             _int_at_least("--stride", self.stride, 1)
-        _int_at_least("--view-batch-size", self.view_batch_size, 1)
+        if self.view_batch_size != "auto":
+            _int_at_least("--view-batch-size", self.view_batch_size, 1)
+        if self.split_guidance not in ("auto", True, False):
+            raise ConfigError("--split-guidance", f"must be auto, true or false, got {self.split_guidance!r}")
+        if self.gpu_memory is not None and (not _finite(self.gpu_memory) or self.gpu_memory <= 0):
+            raise ConfigError("--gpu-memory", f"must be a number of GiB > 0, got {self.gpu_memory!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError("--compile", f"must be true or false, got {self.compile!r}")
         if self.decode_tile is not None:
             _int_at_least("--decode-tile", self.decode_tile, 2)
         if self.decode_context is not None:

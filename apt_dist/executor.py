@@ -196,6 +196,15 @@ class Executor(ABC):
         self.context = context
         self.stats = ExecutorStats()
 
+    def device_profile(self, gpu_memory: float | None = None):
+        """The devices.DeviceProfile of the UNets this executor runs (after start): what auto units are sized for.
+        `gpu_memory`: GiB per worker, instead of the GPU's own."""
+        from .devices import DeviceProfile, local_device
+
+        if self.context.model.torch_device().type != "cuda":
+            return DeviceProfile("cpu")
+        return local_device(self.context.model.device, gpu_memory)
+
     def predict(self, timestep: int, patches: list[torch.Tensor], crops: list[tuple[int, int]], then=None) -> list:
         """Guided noise predictions for `patches` ([C, h, w] float32 model inputs, or DeferredPatches) at `timestep`.
 

@@ -116,7 +116,7 @@ def model_source(config, **overrides):
     from .models import ModelSpec
 
     kw = dict(name=config.model, dtype=config.dtype, device=config.device, loras=tuple(config.lora_list()),
-              vae=config.vae, vae_dtype=config.vae_dtype, config=config.model_config)
+              vae=config.vae, vae_dtype=config.vae_dtype, config=config.model_config, compile=config.compile)
     return ModelSpec(**(kw | overrides))
 
 

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import functools
 import os
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class ModelSpec:
     vae: str | None = None  # a separate VAE: a diffusers AutoencoderKL folder or a single .safetensors file
     vae_dtype: str = "float32"  # float32 | float16 | bfloat16 (float16 only for fp16-safe VAEs)
     config: str | None = None  # single files: a diffusers config folder (default: the built-in SDXL base one)
+    compile: bool = False  # torch.compile the UNet (Denoiser)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -738,6 +740,22 @@ def _shared_group_norm(norms: dict[str, torch.nn.GroupNorm], stats: dict) -> Ite
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+COMPILE_RECOMPILE_LIMIT = 64  # distinct UNet input shapes a render may compile (a 16K poster has about 40)
+
+
+def compile_unet(unet: torch.nn.Module):
+    """torch.compile the UNet with static shapes: one graph per input shape (rows, h, w), which are fixed within a
+    phase. Inductor's on-disk caches (TORCHINDUCTOR_CACHE_DIR, default ~/.cache/apt-dist/inductor here) make a
+    second render, in another process, skip the compile of the shapes it has seen."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "apt-dist", "inductor"))
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           4 * COMPILE_RECOMPILE_LIMIT)
+    return torch.compile(unet, dynamic=False, fullgraph=False)
+
+
 class Denoiser:
     """One UNet replica (spec device/dtype) plus the VAE (spec device, spec vae_dtype): what a worker holds.
 
@@ -745,7 +763,10 @@ class Denoiser:
     they are (any LoRA already fused), only moved to the spec's device and dtype.
     """
 
-    def __init__(self, spec: ModelSpec, unet: torch.nn.Module | None = None, vae: torch.nn.Module | None = None):
+    def __init__(self, spec: ModelSpec, unet: torch.nn.Module | None = None, vae: torch.nn.Module | None = None,
+                 channels_last: bool | None = None):
+        """`channels_last`: the UNet's convolutions in NHWC layout (None: on CUDA, where cuDNN's fast
+        float16/bfloat16 kernels want it; on CPU it measured no faster)."""
         from . import loading
 
         self.spec = spec
@@ -761,6 +782,11 @@ class Denoiser:
         self.unet = _frozen(_place(unet, self.device, self.dtype))
         # SDXL's VAE overflows in float16: float32 unless asked (fp16-fixed VAEs).
         self.vae = _frozen(_place(vae, self.device, self.vae_dtype))
+        if channels_last if channels_last is not None else self.device.type == "cuda":
+            self.unet.to(memory_format=torch.channels_last)
+        self._unet_call = compile_unet(self.unet) if spec.compile else self.unet
+        self.compile_seconds = 0.0  # summed wall time of the calls that compiled a new shape
+        self._compiled_shapes: set = set()
 
     def _load(self, spec: ModelSpec) -> tuple[torch.nn.Module, torch.nn.Module | None]:
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -824,14 +850,19 @@ class Denoiser:
             t = timestep.to(device=dev)
         else:
             t = torch.tensor(timestep, device=dev, dtype=torch.long if float(timestep).is_integer() else torch.float32)
-        noise = self.unet(
+        t0 = time.perf_counter()
+        noise = self._unet_call(
             latents.to(device=dev, dtype=dt),
             t,
             encoder_hidden_states=encoder_hidden_states,
             added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
             return_dict=False,
         )[0]
-        return noise.to(device="cpu", dtype=torch.float32)
+        out = noise.to(device="cpu", dtype=torch.float32)
+        if self._unet_call is not self.unet and tuple(latents.shape) not in self._compiled_shapes:
+            self._compiled_shapes.add(tuple(latents.shape))
+            self.compile_seconds += time.perf_counter() - t0
+        return out
 
     def _vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         """Model latents -> what ``vae.decode`` takes (un-scale, and un-normalise where the VAE has latents_mean/std)."""

@@ -131,6 +131,9 @@ def write_result(result, out: str | os.PathLike) -> list[Path]:
         from .init_image import identity
 
         extra["input_image"] = identity(cfg.init_image)
+    units = result.plan.units
+    if units is not None:  # what auto units resolved to (the image's last bits depend on the rows a call)
+        extra["units"] = {"view_batch_size": units.view_batch_size, "split_guidance": units.split_guidance}
     info = png_metadata(cfg.prompt, cfg.seed, cfg.to_json(), extra)
     out = Path(out)
     paths = [save_png_atomic(result.image, out, info)]

@@ -52,6 +52,7 @@ class Plan:
     scheduler: str = "euler"  # the step that runs: --scheduler, with auto resolved from the model's class
     scheduler_config: S.SchedulerConfig = S.SDXL_SCHEDULER  # the model's
     shortcut: float | None = None  # apt's fraction where it sets the upscaling phases' steps
+    units: object = None  # devices.UnitChoice: the work units, resolved for the workers' device
 
     @property
     def unet_patch_evals(self) -> int:
@@ -89,6 +90,7 @@ class Plan:
             "phases": [asdict(p) | {"patches_per_step": p.patches_per_step, "patch_evals": p.patch_evals} for p in self.phases],
             "unet_patch_evals": self.unet_patch_evals,
             "unet_calls": self.unet_calls,
+            "units": self.units.to_dict() if self.units is not None else None,
         }
 
 
@@ -157,13 +159,19 @@ def check_bounds(config: RenderConfig, native: int, vae_scale: int, latent_chann
 
 
 def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.SchedulerConfig | None = None,
-               latent_channels: int = 4, from_image: bool | None = None) -> Plan:
+               latent_channels: int = 4, from_image: bool | None = None, device=None) -> Plan:
     """`scheduler`: the model's scheduler config (None: SDXL base's). `from_image`: phase 1 starts from a
-    picture's latent (img2img: `config.init_steps` steps; None: whether `config.init_image` is set)."""
+    picture's latent (img2img: `config.init_steps` steps; None: whether `config.init_image` is set).
+    `device`: the workers' devices.DeviceProfile, which auto units are sized for (None: this process's,
+    as config.device and config.gpu_memory say)."""
+    from .devices import choose_units, local_device
+
     from_image = config.init_image is not None if from_image is None else from_image
     scheduler = scheduler or S.SDXL_SCHEDULER
     config.validate_for_model(native, scheduler.num_train_timesteps)
     check_bounds(config, native, vae_scale, latent_channels)
+    units_choice = choose_units(config, native, device or local_device(config.device, config.gpu_memory))
+    vbs, split = units_choice.view_batch_size, units_choice.split_guidance
     sched = phase_schedule(config, scheduler)
     stride = config.stride or native // 2
     shapes = phase_shapes(config.height // vae_scale, config.width // vae_scale, native)
@@ -171,7 +179,7 @@ def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.S
     for index, (h, w) in enumerate(shapes, start=1):
         if index == 1:
             d, steps, local, dil = 1, config.init_steps if from_image else config.steps, 1, 0
-            units = len(make_units([(h, w)], config.view_batch_size, config.split_guidance))
+            units = len(make_units([(h, w)], vbs, split))
         else:
             d = dilation_factor((h, w), native)
             steps = config.upscale_steps
@@ -180,7 +188,7 @@ def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.S
             dil = len(dshapes)
             lshape = (min(native, h), min(native, w))
             # One predict() per step: local windows first, then the sub-lattices (as the sampler sends them).
-            units = len(make_units([lshape] * local + dshapes, config.view_batch_size, config.split_guidance))
+            units = len(make_units([lshape] * local + dshapes, vbs, split))
         start = config.steps - steps
         phases.append(
             PhasePlan(
@@ -204,14 +212,20 @@ def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.S
 
         check_fit(config, phases[0])
     shortcut = config.shortcut if config.method == "apt" and config.shortcut_steps is None else None
-    return Plan(config.width, config.height, native, vae_scale, stride, tuple(phases), sched.kind, scheduler, shortcut)
+    return Plan(config.width, config.height, native, vae_scale, stride, tuple(phases), sched.kind, scheduler, shortcut,
+                units_choice)
 
 
 def plan(config: RenderConfig) -> Plan:
-    """The plan of `config`: reads the model's configuration only, loads no weights."""
+    """The plan of `config`: reads the model's configuration only, loads no weights. With config.gpu_memory, for CUDA
+    workers of that memory."""
     from .loading import model_source
     from .models import model_info
 
+    from .devices import gpu_workers
+
     config.validate()
     info = model_info(model_source(config))
-    return build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels)
+    # --gpu-memory: plan for CUDA workers of that size, whatever this machine has (unless --device cpu).
+    device = gpu_workers(config.gpu_memory) if config.gpu_memory is not None and config.device != "cpu" else None
+    return build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels, device=device)

@@ -252,6 +252,21 @@ class RayExecutor(Executor):
         self._connect_local([w for w in self.workers if w.alive])
         self._render_t0 = time.perf_counter()
 
+    def device_profile(self, gpu_memory: float | None = None):
+        """CPU workers, or CUDA with the smallest worker GPU's memory times the GPU share of a worker."""
+        from .devices import GIB, DeviceProfile
+
+        gpus = self._gpus()
+        if gpus <= 0:
+            return DeviceProfile("cpu")
+        if gpu_memory is not None:
+            return DeviceProfile("cuda", float(gpu_memory), "--gpu-memory")
+        infos = [w.info for w in self.workers if getattr(w, "info", None) and "gpu_total_bytes" in w.info]
+        if not infos:
+            return DeviceProfile("cuda", None, "unknown")
+        low = min(infos, key=lambda i: i["gpu_total_bytes"])
+        return DeviceProfile("cuda", low["gpu_total_bytes"] * min(1.0, gpus) / GIB, low.get("gpu_name", ""))
+
     def _gpus(self) -> float:
         import ray
 

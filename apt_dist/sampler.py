@@ -120,9 +120,14 @@ def render(
     own = executor is None
     executor = executor or InProcessExecutor(denoiser)
     try:
-        executor.start(
-            RenderContext(spec, embeds, (config.height, config.width), config.guidance_scale, config.view_batch_size, config.split_guidance)
-        )
+        executor.start(RenderContext(spec, embeds, (config.height, config.width), config.guidance_scale))
+        # Auto units are sized for the workers' device, known once they run: the same units for every worker.
+        device = executor.device_profile(config.gpu_memory)
+        if device != plan.units.device:
+            plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels, from_image,
+                              device=device)
+        executor.context.view_batch_size = plan.units.view_batch_size
+        executor.context.split_guidance = plan.units.split_guidance
         if pixels is not None:
             init_latent = encode_image(pixels, executor, config, info)
         sampler = _Sampler(config, plan, info, executor, callback, progress, checkpoint, resume, init_latent)

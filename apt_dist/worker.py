@@ -65,6 +65,8 @@ class UNetWorker:
             import torch
 
             out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.denoiser.device)
+            props = torch.cuda.get_device_properties(self.denoiser.device)
+            out["gpu_total_bytes"], out["gpu_name"] = props.total_memory, props.name
         return out
 
     def set_context(self, ctx: dict) -> None:

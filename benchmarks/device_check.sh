@@ -2,7 +2,11 @@
 # The prepared script for a lent GPU machine (16 CPU cores, one H100/H200, no network).
 # Its image has torch, transformers and huggingface_hub but not Ray or diffusers: those travel as wheels in .whl/
 # (Ray without its Java jars, to fit the 64 MiB limit). Writes everything under $OUT (default /tmp/device_out).
-#   bash benchmarks/device_check.sh [gpu] [scaling] [boundary] [ab]   (gpu and scaling when none is named)
+#   bash benchmarks/device_check.sh [perf] [gpu] [scaling] [boundary] [ab]   (perf when none is named)
+#   perf:    every GPU measurement of issue 15 in one run, under 8 minutes (each step has its own timeout):
+#            benchmarks/gpu_bench.py: MFU per rows a call (2..32) in float16 and bfloat16, SDPA kernel, and the memory
+#            estimate against the measured peak; the same with --compile at 16 rows (compile time); equal_work.py on
+#            the GPU (sdxl-random 2048x2048, 10 steps); 4096x4096 APT end to end at the defaults on one GPU.
 #   gpu:     benchmarks/gpu_check.py: sdxl-random 2048x2048 in-process (apt, demofusion) and on one Ray worker;
 #            benchmarks/bench.py overhead.
 #   scaling: benchmarks/bench.py scaling at WORKERS (default 4,8,16) on 16 cores instead of this repo's usual 2, the driver
@@ -19,7 +23,7 @@
 #            420 s), 2 rounds x 3 renders outran 240 s.
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
-PARTS=${*:-gpu scaling}
+PARTS=${*:-perf}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -28,6 +32,19 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc; python3 --version;
   python3 -c "import torch, diffusers, ray, transformers; print(torch.__version__, diffusers.__version__, ray.__version__, transformers.__version__)"; } 2>&1 | tee "$OUT/machine.txt"
+if [[ " $PARTS " == *" perf "* ]]; then  # worst case, every step at its timeout: 100 + 100 + 90 + 180 s = 7.8 min
+  timeout 100 python3 benchmarks/gpu_bench.py --rows 2,4,8,16,32 --dtypes float16,bfloat16 --memory --seconds 1 \
+    --markdown "$OUT/gpu_bench.md" --json "$OUT/gpu_bench.json" 2>&1 | grep -v '^\[transformers\]' | tee "$OUT/gpu_bench.log" | tail -30
+  timeout 100 python3 benchmarks/gpu_bench.py --rows 16 --dtypes float16 --compile on --seconds 1 \
+    --markdown "$OUT/gpu_bench_compile.md" 2>&1 | grep -v '^\[transformers\]' | tee "$OUT/gpu_bench_compile.log" | tail -8
+  timeout 90 python3 benchmarks/equal_work.py --model sdxl-random --dtype float16 --width 2048 --height 2048 --steps 10 \
+    --rounds 1 --markdown "$OUT/equal_work_gpu.md" --json "$OUT/equal_work_gpu.json" 2>&1 | grep -v '^\[transformers\]' | tee "$OUT/equal_work_gpu.log" | tail -8
+  start=$SECONDS  # end to end: model build, sampling, decode, PNG
+  timeout 180 python3 -m apt_dist render --model sdxl-random --width 4096 --height 4096 --no-progress --out "$OUT/apt_4096.png" 2>&1 \
+    | grep -v '^\[transformers\]' | tee "$OUT/apt_4096.log" | tail -3
+  echo "apt 4096x4096 end to end: $((SECONDS - start)) s of wall (timeout 180)" | tee -a "$OUT/apt_4096.log"
+  python3 -m apt_dist plan --model sdxl-random --width 4096 --height 4096 --gpu-memory 24 > "$OUT/plan_4096_24gib.txt" 2>&1
+fi
 if [[ " $PARTS " == *" gpu "* ]]; then
   timeout "${GPU_CHECK_TIMEOUT:-330}" python3 benchmarks/gpu_check.py "$OUT" --steps "${STEPS:-50}" 2>&1 | grep -v '^\[transformers\]' | tee "$OUT/gpu_check.log"
   timeout 90 python3 benchmarks/bench.py overhead --json "$OUT/overhead_16cpu.json" --markdown "$OUT/overhead_16cpu.md" 2>&1 | tail -20

@@ -115,3 +115,32 @@ def test_gpu_scripts_dry_run_on_the_cpu(script, table, tmp_path):
     runs = data.get("runs") or data.get("rows")
     assert len(runs) == (3 if script == "gpu_check.py" else 2)
     assert all(r["s_per_patch"] > 0 for r in runs)
+
+
+@pytest.mark.slow
+def test_gpu_bench_and_equal_work_dry_run_on_the_cpu(tmp_path):
+    """gpu_bench.py (MFU table) and equal_work.py (without Ray) on the CPU with `tiny`: the device check's dry run."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_bench.py"), "--model", "tiny", "--device", "cpu",
+                           "--dtypes", "float32", "--rows", "2,4", "--seconds", "0.1", "--peak-tflops", "1",
+                           "--json", str(tmp_path / "mfu.json")], capture_output=True, text=True, timeout=300, env=env,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (mfu,) = json.loads((tmp_path / "mfu.json").read_text())
+    assert [r[2] for r in mfu["rows"]] == [2, 4]
+    assert mfu["rows"][1][4] == pytest.approx(2 * mfu["rows"][0][4], rel=1e-3)  # FLOPs grow with the rows
+    assert any("scaled_dot_product" in n for n in mfu["notes"])
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "equal_work.py"), "--no-ray", "--rounds", "1",
+                           "--width", "256", "--height", "256", "--steps", "2", "--threads", "1",
+                           "--json", str(tmp_path / "ew.json")], capture_output=True, text=True, timeout=300, env=env,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "ew.json").read_text())["rows"]
+    assert [r[0] for r in rows] == ["apt", "demofusion"] and all(r[5] > 0 and r[9] > 0 for r in rows)

@@ -132,7 +132,7 @@ def test_gaussian_blur_equals_a_depthwise_2d_convolution_of_the_edge_replicated_
 @pytest.mark.parametrize("kernel_size,sigma", [(3, 0.8), (5, 1.0)])
 def test_gaussian_blur_agrees_with_demofusions_zero_padded_blur_inside_and_not_at_the_border(kernel_size, sigma):
     """DemoFusion blurs with F.conv2d(padding=kernel_size // 2), zero padding: the same inside, darker at the
-    border (towards 0), where we replicate the edge (docs/demofusion.md)."""
+    border (towards 0), where we replicate the edge (README: "Where apt-dist differs from DemoFusion's code")."""
     x = torch.rand(1, 4, 24, 20, generator=torch.Generator().manual_seed(2)) + 1.0  # values in [1, 2)
     p = kernel_size // 2
     theirs = F.conv2d(x, _depthwise_2d_gaussian(kernel_size, sigma, 4), padding=p, groups=4)

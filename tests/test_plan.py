@@ -36,8 +36,8 @@ def test_eta_per_phase():
 
 
 def test_barrier_bounds_of_the_4096_plan():
-    whole = sdxl_plan(width=4096, height=4096, split_guidance=False)
-    split = sdxl_plan(width=4096, height=4096, split_guidance=True)
+    whole = sdxl_plan(width=4096, height=4096, view_batch_size=1, split_guidance=False)
+    split = sdxl_plan(width=4096, height=4096, view_batch_size=1, split_guidance=True)
     assert whole.timing(8, 0.035)["bound_efficiency"] == pytest.approx(0.80, abs=0.01)
     assert whole.timing(16, 0.035)["bound_efficiency"] == pytest.approx(0.67, abs=0.01)
     assert split.timing(8, 0.035)["bound_efficiency"] == pytest.approx(0.90, abs=0.01)

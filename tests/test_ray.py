@@ -14,6 +14,7 @@ from bench import SimulatedWorker, simulated_executor
 from helpers import small_config
 
 from apt_dist import render
+from apt_dist.devices import CPU_VIEWS
 from apt_dist.executor import InProcessExecutor
 from apt_dist.ray_executor import ClusterError, RayExecutor
 from apt_dist.worker import UNetWorker
@@ -44,9 +45,13 @@ class SlowWorker(UNetWorker):
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_bit_identical_to_in_process(workers, in_process):
+    """At the defaults: auto units, sized for CPU workers whatever their number."""
     with RayExecutor(num_workers=workers, cpus_per_worker=THREADS) as ex:
         r = render(small_config(), executor=ex, progress=False)
         summary = ex.summary()
+    assert r.plan.units.auto and r.plan.units.device.kind == "cpu"
+    assert (r.plan.units.view_batch_size, r.plan.units.split_guidance) == (CPU_VIEWS, False)
+    assert r.plan.unet_calls == in_process.plan.unet_calls == summary["unet_calls"]
     assert torch.equal(r.latent, in_process.latent)
     assert r.image.tobytes() == in_process.image.tobytes()
     served = [w["patches"] for w in summary["workers"]]
@@ -262,7 +267,9 @@ def test_the_driver_blurs_the_dilated_views_while_the_first_calls_run(monkeypatc
         return inputs(self)
 
     monkeypatch.setattr(apt_dist.fusion.DilatedViews, "inputs", spy_inputs)
-    cfg = small_config(model="sdxl-random", width=2048, height=2048, steps=4, shortcut_steps=2)
+    # One patch a call, halves apart: a step of many units (auto units on CPU put a step in two calls).
+    cfg = small_config(model="sdxl-random", width=2048, height=2048, steps=4, shortcut_steps=2, view_batch_size=1,
+                       split_guidance=True)
     with RayExecutor(num_workers=2, worker_class=SimulatedWorker, gpus_per_worker=0) as ex:
         render(cfg, executor=ex, progress=False)
     # One per upscaling step, with the first worker's window call already out: the second worker's share holds

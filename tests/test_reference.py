@@ -32,6 +32,9 @@ CASES = {
     "demofusion_euler_2phases_nonsquare_views2": {"method": "demofusion", "shortcut_steps": None, "width": 256, "height": 192,
                                                       "view_batch_size": 2},
     "apt_euler_global_stats_nojitter": {"width": 256, "height": 256, "jitter": False, "sm_stats": "global"},
+    # The defaults: work units sized for the device (auto), which here batches both branches of several views.
+    "demofusion_defaults_auto_units": {"method": "demofusion", "shortcut_steps": None, "view_batch_size": "auto",
+                                       "split_guidance": "auto"},
 }
 
 
@@ -56,6 +59,8 @@ def test_production_equals_reference(name, denoiser):
     result = render(cfg, executor=InProcessExecutor(denoiser), progress=False)
     phases = reference(cfg, denoiser)
     assert len(result.plan.phases) == len(phases) == (2 if cfg.width == 256 else 3)
+    if cfg.view_batch_size == "auto":
+        assert result.plan.units.auto and result.plan.units.rows > 2  # several rows per call, not one patch
     assert_same_image(result.latent, phases[-1])
 
 
