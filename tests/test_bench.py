@@ -11,14 +11,17 @@ import pytest
 import bench  # benchmarks/bench.py (conftest puts benchmarks/ on sys.path)
 from bench import main
 
+from apt_dist import plan
 from apt_dist.config import RenderConfig
 
 
 def test_bench_phases_table():
-    t = bench.bench_phases(RenderConfig(width=256, height=192, steps=2), warmup=False)
+    cfg = RenderConfig(width=256, height=192, steps=2)
+    t = bench.bench_phases(cfg, warmup=False)
     assert t.columns == ["phase", "size", "steps", "wall s", "patch evals", "UNet s", "ms/patch", "driver share"]
     assert [r[0] for r in t.rows] == [1, 2, "decode", "setup", "total"]
-    assert t.rows[-1][4] == t.data["patch_evals"] == 22
+    # 2 steps of 1 patch, then the shortcut's round(0.6 x 2) = 1 step of 6 windows and 4 sub-lattices
+    assert t.rows[-1][4] == t.data["patch_evals"] == plan(cfg).unet_patch_evals == 2 + 10
     text, md = t.text(), t.markdown()
     assert "driver share" in text and md.count("\n|") == 2 + len(t.rows)
 
