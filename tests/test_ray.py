@@ -30,8 +30,8 @@ class SlowWorker(UNetWorker):
     Defined in this test module, which Ray's workers cannot import: RayExecutor sends the class by value.
     """
 
-    def predict(self, timestep, units):
-        out = super().predict(timestep, units)
+    def predict(self, timestep, units, *sources):
+        out = super().predict(timestep, units, *sources)
         time.sleep(0.15)
         return out
 
@@ -267,13 +267,14 @@ def test_the_driver_blurs_the_dilated_views_while_the_first_calls_run(monkeypatc
     import apt_dist.fusion
 
     made = []
-    inputs = apt_dist.fusion.DilatedViews.inputs
+    source = apt_dist.fusion.DilatedViews.source
 
-    def spy_inputs(self):
-        made.append(sum(w.in_flight > 0 for w in ex.workers))  # workers with calls out
-        return inputs(self)
+    def spy_source(self):
+        if self._source is None:  # the blur runs now
+            made.append(sum(w.in_flight > 0 for w in ex.workers))  # workers with calls out
+        return source(self)
 
-    monkeypatch.setattr(apt_dist.fusion.DilatedViews, "inputs", spy_inputs)
+    monkeypatch.setattr(apt_dist.fusion.DilatedViews, "source", spy_source)
     cfg = small_config(model="sdxl-random", width=2048, height=2048, steps=4, shortcut_steps=2)
     with RayExecutor(num_workers=2, worker_class=SimulatedWorker, gpus_per_worker=0) as ex:
         render(cfg, executor=ex, progress=False)
