@@ -1,0 +1,158 @@
+"""The driver on its own node against the driver on the workers' node: overhead and scaling, side by side.
+
+The shipped cluster config drives from a head node that holds no workers, so every worker is
+on another node. This starts a `ray.cluster_utils.Cluster` on this machine, a head node (the
+driver's) and `--nodes` worker nodes, and runs the simulated 4096x4096 APT render both ways on
+the same cluster, alternating which goes first each round:
+
+  same node    every worker on the driver's node (what the earlier numbers measured)
+  other nodes  every worker on a worker node (SPREAD over them), none on the driver's
+
+Workers are pinned by a custom resource per node (`RayExecutor(worker_resources=...)`). The
+head also has CPU slots, for the same-node workers; in the other-nodes runs it holds none.
+
+  overhead  a zero-cost UNet: the driver's and the transport's ms per patch evaluation
+  scaling   each UNet call sleeps `--seconds-per-patch` per patch (0.048 s: SDXL float16 on an
+            H200 at 8 patches per call), against the per-step barrier bound
+
+    python benchmarks/topology.py --workers 8,16 --rounds 3 --markdown benchmarks/results/topology.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import ray
+
+from bench import Table, _pct, emit, machine, sampling_seconds, simulated_executor
+
+from apt_dist.config import RenderConfig
+from apt_dist.outputs import write_atomic
+from apt_dist.planning import plan
+from apt_dist.sampler import render
+
+TOPOLOGIES = {"same node": ("driver_node", "PACK"), "other nodes": ("worker_node", "SPREAD")}
+
+
+def start_cluster(workers: int, nodes: int):
+    from ray.cluster_utils import Cluster
+
+    per_node = math.ceil(workers / nodes)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": workers, "resources": {"driver_node": workers},
+                                                            "include_dashboard": False})
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=per_node, resources={"worker_node": per_node})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    return cluster
+
+
+def executor(topology: str, n: int, seconds_per_patch: float):
+    resource, strategy = TOPOLOGIES[topology]
+    return simulated_executor(n, seconds_per_patch, worker_resources={resource: 1}, placement_strategy=strategy)
+
+
+def where(ex) -> dict:
+    """How the workers were reached: nodes, data plane and call path, as the executor's summary says."""
+    here = ray.get_runtime_context().get_node_id()[:8]
+    ws = ex.summary()["workers"]
+    return {"on driver's node": sum(w["node"] == here for w in ws), "nodes": len({w["node"] for w in ws}),
+            "transport": sorted({w["transport"] for w in ws}), "calls via": sorted({w["calls_via"] for w in ws})}
+
+
+def alternate(cfg: RenderConfig, n: int, seconds_per_patch: float, rounds: int) -> dict:
+    """Both topologies' executors kept up; each round renders with each, the first one swapped each round."""
+    exs = {t: executor(t, n, seconds_per_patch) for t in TOPOLOGIES}
+    runs: dict = {t: [] for t in TOPOLOGIES}
+    info = {}
+    try:
+        for t, ex in exs.items():  # warm-up render (actor start, first calls), not counted
+            render(cfg, executor=ex, progress=False)
+            info[t] = where(ex)
+        for r in range(rounds):
+            order = list(TOPOLOGIES) if r % 2 == 0 else list(reversed(TOPOLOGIES))
+            for t in order:
+                res = render(cfg, executor=exs[t], progress=False)
+                runs[t].append({"wall_s": sampling_seconds(res), "patch_evals": res.patch_evals})
+                print(f"  {n} workers, {t}: {runs[t][-1]['wall_s']:.3f} s", flush=True)
+    finally:
+        for ex in exs.values():
+            ex.close()
+    return {"runs": runs, "where": info}
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", default="8,16", help="worker counts for scaling, comma-separated")
+    ap.add_argument("--overhead-workers", type=int, default=2, help="workers of the zero-cost runs (0: skip them)")
+    ap.add_argument("--nodes", type=int, default=2, help="worker nodes besides the driver's")
+    ap.add_argument("--rounds", type=int, default=3, help="measured renders per topology and worker count")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--view-batch-size", type=int, default=8, help="patches per UNet call")
+    ap.add_argument("--split-guidance", action="store_true", help="guidance halves as separate calls")
+    ap.add_argument("--seconds-per-patch", type=float, default=0.048,
+                    help="simulated UNet seconds per patch with both guidance branches (H200, 8 per call: 0.048)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None)
+    args = ap.parse_args()
+    counts = [int(x) for x in args.workers.split(",") if x.strip()]
+    cfg = RenderConfig(model="sdxl-random", width=4096, height=4096, steps=args.steps, dtype="float16",
+                       view_batch_size=args.view_batch_size, split_guidance=args.split_guidance).validate()
+    p = plan(cfg)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cluster = start_cluster(max(counts + [args.overhead_workers]), args.nodes)
+    results: dict = {}
+    try:
+        if args.overhead_workers:
+            results["overhead"] = alternate(cfg, args.overhead_workers, 0.0, args.rounds)
+        for n in counts:
+            results[n] = alternate(cfg, n, args.seconds_per_patch, args.rounds)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+    unit = f"{args.view_batch_size} patch(es) per call" + (", guidance halves split" if args.split_guidance else
+                                                           ", both guidance branches")
+    table = Table(
+        f"Topology: sdxl-random 4096x4096 APT float16, {args.steps} steps, {p.unet_patch_evals} patch evals, "
+        f"{p.unet_calls} UNet calls ({unit}); {args.nodes} worker node(s); {args.rounds} rounds, alternating",
+        ["run", "workers", "topology", "median s", "spread s", "ms/patch", "barrier s", "vs bound (median)",
+         "vs bound (worst)", "transport", "calls via"],
+    )
+    for key, res in results.items():
+        n = args.overhead_workers if key == "overhead" else key
+        for t in TOPOLOGIES:
+            walls = [r["wall_s"] for r in res["runs"][t]]
+            med = statistics.median(walls)
+            w = res["where"][t]
+            if key == "overhead":
+                table.rows.append(["overhead", n, t, med, spread(walls), 1000 * med / p.unet_patch_evals, None, None, None,
+                                   "/".join(w["transport"]), "/".join(w["calls via"])])
+            else:
+                bound = p.timing(n, args.seconds_per_patch)["barrier_s"]
+                table.rows.append(["scaling", n, t, med, spread(walls), None, bound, _pct(bound / med),
+                                   _pct(bound / max(walls)), "/".join(w["transport"]), "/".join(w["calls via"])])
+    table.notes.append("seconds: sampling phases only; overhead: a zero-cost UNet, ms per patch evaluation of driver + "
+                       "transport; scaling: each call sleeps its patches x seconds-per-patch; vs bound = barrier bound / wall")
+    table.notes.append("same node: workers on the driver's node; other nodes: none there (SPREAD over the worker nodes)")
+    table.data = {"results": {str(k): v for k, v in results.items()}, "plan": p.to_dict()}
+    if args.json:
+        doc = table.to_dict() | {"command": "python " + " ".join(sys.argv), "machine": machine()}
+        text = json.dumps(doc, indent=2, default=str)
+        write_atomic(args.json, lambda f: f.write(text.encode()))
+    emit(table, args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
