@@ -5,8 +5,11 @@ on another node. This starts a `ray.cluster_utils.Cluster` on this machine, a he
 driver's) and `--nodes` worker nodes, and runs the simulated 4096x4096 APT render both ways on
 the same cluster, alternating which goes first each round:
 
-  same node    every worker on the driver's node (what the earlier numbers measured)
-  other nodes  every worker on a worker node (SPREAD over them), none on the driver's
+  same node, shm + socket  every worker on the driver's node (what the earlier numbers measured), patches
+                           and predictions through the driver's /dev/shm file, calls over Unix sockets
+  same node, Ray           the same actors, every call a plain Ray call with Ray objects
+  other nodes              every worker on a worker node (SPREAD over them), none on the driver's: plain
+                           Ray calls and objects (the shared memory and the sockets cannot reach them)
 
 Workers are pinned by a custom resource per node (`RayExecutor(worker_resources=...)`). The
 head also has CPU slots, for the same-node workers; in the other-nodes runs it holds none.
@@ -36,7 +39,12 @@ from apt_dist.outputs import write_atomic
 from apt_dist.planning import plan
 from apt_dist.sampler import render
 
-TOPOLOGIES = {"same node": ("driver_node", "PACK"), "other nodes": ("worker_node", "SPREAD")}
+# mode: (the actors' node resource, placement strategy, shared_memory, direct_calls)
+TOPOLOGIES = {
+    "same node, shm + socket": ("driver_node", "PACK", True, True),
+    "same node, Ray": ("driver_node", "PACK", False, False),
+    "other nodes": ("worker_node", "SPREAD", True, True),
+}
 
 
 def start_cluster(workers: int, nodes: int):
@@ -52,8 +60,7 @@ def start_cluster(workers: int, nodes: int):
     return cluster
 
 
-def executor(topology: str, n: int, seconds_per_patch: float):
-    resource, strategy = TOPOLOGIES[topology]
+def executor(resource: str, strategy: str, n: int, seconds_per_patch: float):
     return simulated_executor(n, seconds_per_patch, worker_resources={resource: 1}, placement_strategy=strategy)
 
 
@@ -61,23 +68,32 @@ def where(ex) -> dict:
     """How the workers were reached: nodes, data plane and call path, as the executor's summary says."""
     here = ray.get_runtime_context().get_node_id()[:8]
     ws = ex.summary()["workers"]
-    return {"on driver's node": sum(w["node"] == here for w in ws), "nodes": len({w["node"] for w in ws}),
+    return {"on_driver_node": sum(w["node"] == here for w in ws), "nodes": len({w["node"] for w in ws}),
             "transport": sorted({w["transport"] for w in ws}), "calls via": sorted({w["calls_via"] for w in ws})}
 
 
 def alternate(cfg: RenderConfig, n: int, seconds_per_patch: float, rounds: int) -> dict:
-    """Both topologies' executors kept up; each round renders with each, the first one swapped each round."""
-    exs = {t: executor(t, n, seconds_per_patch) for t in TOPOLOGIES}
+    """One executor per node kind kept up (the same-node modes share their actors); each round renders every
+    mode once, the order rotated each round."""
+    exs = {key[:2]: executor(*key[:2], n, seconds_per_patch) for key in TOPOLOGIES.values()}
     runs: dict = {t: [] for t in TOPOLOGIES}
     info = {}
+
+    def once(t: str):
+        resource, strategy, shm, direct = TOPOLOGIES[t]
+        ex = exs[resource, strategy]
+        ex.shared_memory, ex.direct_calls = shm, direct
+        res = render(cfg, executor=ex, progress=False)
+        info[t] = where(ex)
+        return res
+
     try:
-        for t, ex in exs.items():  # warm-up render (actor start, first calls), not counted
-            render(cfg, executor=ex, progress=False)
-            info[t] = where(ex)
+        for t in TOPOLOGIES:  # warm-up render (actor start, first calls), not counted
+            once(t)
+        modes = list(TOPOLOGIES)
         for r in range(rounds):
-            order = list(TOPOLOGIES) if r % 2 == 0 else list(reversed(TOPOLOGIES))
-            for t in order:
-                res = render(cfg, executor=exs[t], progress=False)
+            for t in modes[r % len(modes):] + modes[:r % len(modes)]:
+                res = once(t)
                 runs[t].append({"wall_s": sampling_seconds(res), "patch_evals": res.patch_evals})
                 print(f"  {n} workers, {t}: {runs[t][-1]['wall_s']:.3f} s", flush=True)
     finally:
@@ -126,8 +142,8 @@ def main() -> int:
     table = Table(
         f"Topology: sdxl-random 4096x4096 APT float16, {args.steps} steps, {p.unet_patch_evals} patch evals, "
         f"{p.unet_calls} UNet calls ({unit}); {args.nodes} worker node(s); {args.rounds} rounds, alternating",
-        ["run", "workers", "topology", "median s", "spread s", "ms/patch", "barrier s", "vs bound (median)",
-         "vs bound (worst)", "transport", "calls via"],
+        ["run", "workers", "topology", "median s", "min-max s", "ms/patch (median)", "barrier s", "vs bound (median)",
+         "vs bound (best)", "worker nodes (on driver's)", "transport", "calls via"],
     )
     for key, res in results.items():
         n = args.overhead_workers if key == "overhead" else key
@@ -135,16 +151,17 @@ def main() -> int:
             walls = [r["wall_s"] for r in res["runs"][t]]
             med = statistics.median(walls)
             w = res["where"][t]
+            nodes = f"{w['nodes']} ({w['on_driver_node']})"
             if key == "overhead":
                 table.rows.append(["overhead", n, t, med, spread(walls), 1000 * med / p.unet_patch_evals, None, None, None,
-                                   "/".join(w["transport"]), "/".join(w["calls via"])])
+                                   nodes, "/".join(w["transport"]), "/".join(w["calls via"])])
             else:
                 bound = p.timing(n, args.seconds_per_patch)["barrier_s"]
                 table.rows.append(["scaling", n, t, med, spread(walls), None, bound, _pct(bound / med),
-                                   _pct(bound / max(walls)), "/".join(w["transport"]), "/".join(w["calls via"])])
+                                   _pct(bound / min(walls)), nodes, "/".join(w["transport"]), "/".join(w["calls via"])])
     table.notes.append("seconds: sampling phases only; overhead: a zero-cost UNet, ms per patch evaluation of driver + "
                        "transport; scaling: each call sleeps its patches x seconds-per-patch; vs bound = barrier bound / wall")
-    table.notes.append("same node: workers on the driver's node; other nodes: none there (SPREAD over the worker nodes)")
+    table.notes.append("same node: every worker on the driver's node; other nodes: none there (SPREAD over the worker nodes)")
     table.data = {"results": {str(k): v for k, v in results.items()}, "plan": p.to_dict()}
     if args.json:
         doc = table.to_dict() | {"command": "python " + " ".join(sys.argv), "machine": machine()}
