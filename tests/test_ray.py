@@ -292,3 +292,38 @@ def test_float16_model_travels_in_float16_and_stays_bit_identical():
         r = render(cfg, executor=ex, progress=False)
         assert ex._wire_dtype == np.float16
     assert torch.equal(r.latent, reference.latent)
+
+
+def test_a_step_puts_each_whole_latent_once_and_calls_carry_only_cuts(monkeypatch):
+    """Every Ray call of a step passes the same object per source (one ray.put each); the worker's cuts of it are
+    exactly the patches, converted to the wire dtype."""
+    from apt_dist import schedules as S
+    from apt_dist.executor import DeferredPatches, make_units
+    from apt_dist.fusion import DilatedViews, LocalViews
+    from apt_dist.geometry import local_windows
+    from apt_dist.ray_executor import _Staging
+    from apt_dist.worker import Cuts
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 24, 20, generator=g)
+    sched = S.make_schedule("euler", 10)
+    sets = [LocalViews(x, local_windows(24, 20, 16, 8, generator=g), 2, sched, 4, 8), DilatedViews(x, 2, 1.0, sched, 4)]
+    patches = DeferredPatches(sets[0].inputs(), [sh for sh in sets[1].shapes], lambda: sets[1].inputs(),
+                              sources=[vs.source for vs in sets],
+                              cuts=[(j, ys, xs) for j, vs in enumerate(sets) for ys, xs in vs.cuts])
+    units = make_units(patches.shapes, 2, False)
+    puts = []
+    real_put = ray.put
+    monkeypatch.setattr(ray, "put", lambda value: puts.append(value.shape) or real_put(value))
+    staging = _Staging(units, patches, np.float16, None)
+    crops = [(0, 0)] * len(patches)
+    worker = UNetWorker.__new__(UNetWorker)  # only its _array: no model
+    calls = [staging.call([k], crops, shared=False) for k in range(len(units))]
+    assert puts == [(4, 28, 24), (4, 24, 20)]  # the padded scaled latent, the blurred one: once each
+    for k, (messages, refs) in enumerate(calls):
+        (x_ref, rows, _, out), = messages
+        assert isinstance(x_ref, Cuts) and out is None
+        got = worker._array(x_ref, tuple(ray.get(refs)))
+        want = torch.stack([patches[p] for p in units[k].patches]).to(torch.float16).numpy()
+        assert got.dtype == np.float16 and np.array_equal(got, want)
+    assert all(r in staging.source_refs.values() for _, refs in calls for r in refs)
