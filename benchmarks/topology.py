@@ -9,12 +9,15 @@ the same cluster, alternating which goes first each round:
                            and predictions through the driver's /dev/shm file, calls over Unix sockets
   same node, Ray           the same actors, every call a plain Ray call with Ray objects
   other nodes              every worker on a worker node (SPREAD over them), none on the driver's: plain
-                           Ray calls and objects (the shared memory and the sockets cannot reach them)
+                           Ray calls and objects (the shared memory and the sockets cannot reach them);
+                           the step's latents go once per step and node, each call carries cuts
+  other nodes, patches per call   the same actors, each call carrying its own patches (the transport before)
 
 Workers are pinned by a custom resource per node (`RayExecutor(worker_resources=...)`). The
 head also has CPU slots, for the same-node workers; in the other-nodes runs it holds none.
 
   overhead  a zero-cost UNet: the driver's and the transport's ms per patch evaluation
+            (and the driver alone, in-process with zeros: what no transport costs)
   scaling   each UNet call sleeps `--seconds-per-patch` per patch (0.048 s: SDXL float16 on an
             H200 at 8 patches per call), against the per-step barrier bound
 
@@ -32,19 +35,22 @@ import sys
 
 import ray
 
-from bench import Table, _pct, emit, machine, sampling_seconds, simulated_executor
+from bench import SimulatedWorker, Table, ZeroExecutor, _pct, emit, machine, sampling_seconds
 
 from apt_dist.config import RenderConfig
 from apt_dist.outputs import write_atomic
 from apt_dist.planning import plan
+from apt_dist.ray_executor import RayExecutor
 from apt_dist.sampler import render
 
-# mode: (the actors' node resource, placement strategy, shared_memory, direct_calls)
+# mode: (the actors' node resource, placement strategy, shared_memory, direct_calls, latents once per step)
 TOPOLOGIES = {
-    "same node, shm + socket": ("driver_node", "PACK", True, True),
-    "same node, Ray": ("driver_node", "PACK", False, False),
-    "other nodes": ("worker_node", "SPREAD", True, True),
+    "same node, shm + socket": ("driver_node", "PACK", True, True, True),
+    "same node, Ray": ("driver_node", "PACK", False, False, True),
+    "other nodes": ("worker_node", "SPREAD", True, True, True),
+    "other nodes, patches per call": ("worker_node", "SPREAD", True, True, False),
 }
+IN_PROCESS = "in-process, zero-cost (the driver alone)"
 
 
 def start_cluster(workers: int, nodes: int):
@@ -60,8 +66,22 @@ def start_cluster(workers: int, nodes: int):
     return cluster
 
 
+class PerCallExecutor(RayExecutor):
+    """The transport before the step's latents went once per step: every Ray call carries its own patches."""
+
+    once_per_step = True
+
+    def _staging(self, units, patches):
+        staging = super()._staging(units, patches)
+        if not self.once_per_step:
+            staging.cuts = None
+        return staging
+
+
 def executor(resource: str, strategy: str, n: int, seconds_per_patch: float):
-    return simulated_executor(n, seconds_per_patch, worker_resources={resource: 1}, placement_strategy=strategy)
+    return PerCallExecutor(num_workers=n, worker_class=SimulatedWorker, gpus_per_worker=0,
+                           worker_kwargs={"seconds_per_row": seconds_per_patch / 2},
+                           worker_resources={resource: 1}, placement_strategy=strategy)
 
 
 def where(ex) -> dict:
@@ -76,21 +96,24 @@ def alternate(cfg: RenderConfig, n: int, seconds_per_patch: float, rounds: int) 
     """One executor per node kind kept up (the same-node modes share their actors); each round renders every
     mode once, the order rotated each round."""
     exs = {key[:2]: executor(*key[:2], n, seconds_per_patch) for key in TOPOLOGIES.values()}
-    runs: dict = {t: [] for t in TOPOLOGIES}
-    info = {}
+    modes = list(TOPOLOGIES) + ([IN_PROCESS] if seconds_per_patch == 0 else [])
+    runs: dict = {t: [] for t in modes}
+    info = {IN_PROCESS: {"on_driver_node": 0, "nodes": 0, "transport": ["none"], "calls via": ["none"]}}
+    zero = ZeroExecutor()
 
     def once(t: str):
-        resource, strategy, shm, direct = TOPOLOGIES[t]
+        if t == IN_PROCESS:
+            return render(cfg, executor=zero, progress=False)
+        resource, strategy, shm, direct, once = TOPOLOGIES[t]
         ex = exs[resource, strategy]
-        ex.shared_memory, ex.direct_calls = shm, direct
+        ex.shared_memory, ex.direct_calls, ex.once_per_step = shm, direct, once
         res = render(cfg, executor=ex, progress=False)
         info[t] = where(ex)
         return res
 
     try:
-        for t in TOPOLOGIES:  # warm-up render (actor start, first calls), not counted
+        for t in modes:  # warm-up render (actor start, first calls), not counted
             once(t)
-        modes = list(TOPOLOGIES)
         for r in range(rounds):
             for t in modes[r % len(modes):] + modes[:r % len(modes)]:
                 res = once(t)
@@ -147,7 +170,7 @@ def main() -> int:
     )
     for key, res in results.items():
         n = args.overhead_workers if key == "overhead" else key
-        for t in TOPOLOGIES:
+        for t in res["runs"]:
             walls = [r["wall_s"] for r in res["runs"][t]]
             med = statistics.median(walls)
             w = res["where"][t]
