@@ -34,7 +34,6 @@ import statistics
 import sys
 
 import ray
-
 from bench import SimulatedWorker, Table, ZeroExecutor, _pct, emit, machine, sampling_seconds
 
 from apt_dist.config import RenderConfig

@@ -180,7 +180,7 @@ class _RecordingViews:
     def __init__(self, shapes, value: float, log: list):
         self.shapes, self.crops, self.value, self.log = shapes, [(0, 0)] * len(shapes), value, log
         self.taken: dict[int, torch.Tensor] = {}
-        c, h, w = shapes[0]
+        _, h, w = shapes[0]
         self.cuts = [(slice(0, h), slice(k * w, (k + 1) * w)) for k in range(len(shapes))]  # side by side
 
     def source(self):

@@ -321,7 +321,7 @@ def test_a_step_puts_each_whole_latent_once_and_calls_carry_only_cuts(monkeypatc
     calls = [staging.call([k], crops, shared=False) for k in range(len(units))]
     assert puts == [(4, 28, 24), (4, 24, 20)]  # the padded scaled latent, the blurred one: once each
     for k, (messages, refs) in enumerate(calls):
-        (x_ref, rows, _, out), = messages
+        (x_ref, _, _, out), = messages
         assert isinstance(x_ref, Cuts) and out is None
         got = worker._array(x_ref, tuple(ray.get(refs)))
         want = torch.stack([patches[p] for p in units[k].patches]).to(torch.float16).numpy()
