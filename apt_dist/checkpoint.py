@@ -146,7 +146,7 @@ def load(path: str | os.PathLike, config: RenderConfig, plan=None, latent_channe
     latents, shapes, gen = state["latents"], state["shapes"], state["generator"]
     if not isinstance(latents, list) or not all(isinstance(z, torch.Tensor) for z in latents):
         _fail(path, "has latents that are not a list of tensors")
-    if not latents:
+    if not latents and state["in_phase"] is None:  # a render stopped inside phase 1 has only its in-phase record
         _fail(path, "has no latent")
     if not (isinstance(shapes, list) and len(shapes) == len(latents)
             and all(isinstance(s, list) and all(isinstance(v, int) for v in s) for s in shapes)):
@@ -159,7 +159,7 @@ def load(path: str | os.PathLike, config: RenderConfig, plan=None, latent_channe
     phases = plan.phases if plan is not None else None
     if phases is not None and len(latents) > len(phases):
         _fail(path, f"holds {len(latents)} phase latents but this render has {len(phases)} phases")
-    channels = latent_channels if latent_channels is not None else latents[0].shape[1] if latents[0].dim() == 4 else None
+    channels = latent_channels if latent_channels is not None else latents[0].shape[1] if latents and latents[0].dim() == 4 else None
     for k, (z, s) in enumerate(zip(latents, shapes), start=1):
         if list(z.shape) != s:
             _fail(path, f"has a phase {k} latent of shape {list(z.shape)} but records {s}")

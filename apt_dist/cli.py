@@ -1,7 +1,8 @@
-"""The `apt-dist` command: render, plan.
+"""The `apt-dist` command: render, upscale, plan.
 
 Every RenderConfig field is an option (`--field-name`), except guidance_scale, which
-is `--guidance`. Bad input exits with code 2 and one line naming the option, before
+is `--guidance`, and the input picture's fields, which only `upscale` has (IMAGE,
+`--init-strength`, `--crop center` / `--pad`). Bad input exits with code 2 and one line naming the option, before
 any model is loaded. `--help` shows every option's default. (The benchmarks are
 `python benchmarks/bench.py`, outside the package.)
 """
@@ -56,11 +57,15 @@ HELP = {
     "anchor_renorm": "renormalise each phase to the reference latent's statistics",
     "view_batch_size": "patches per UNet call",
     "split_guidance": "run the two guidance branches as separate UNet calls (finer load balance)",
-    "decode_tile": "VAE decode tile in latents (default: native window)",
+    "decode_tile": "VAE decode tile in latents, also upscale's encode tile (default: native window)",
     "decode_overlap": "VAE decode tile overlap in latents (default: tile / 4)",
-    "decode_context": "latents of surroundings decoded with each tile and cropped off (default: max(8, tile / 8))",
+    "decode_context": "latents of surroundings decoded with each tile and cropped off (default: max(8, tile / 8); "
+                      "upscale's encode: max(16, tile / 4))",
     "save_phases": "also write each phase's image beside the output",
+    "init_strength": "0: upscale the picture as it is; (0, 1]: first re-noise it and denoise int(steps x STRENGTH) steps "
+                     "at the native size, as img2img does (more change the higher)",
 }
+INIT_FIELDS = ("init_image", "init_strength", "init_fit")  # upscale's: IMAGE, --init-strength, --crop/--pad
 
 
 # `apt-dist plan` with the tiny model (a 128 px window) warns above this many phases: a size planned for SDXL.
@@ -92,15 +97,18 @@ def _show_default(value) -> str:
     return str(value).replace("%", "%%")
 
 
-def add_config_options(p: argparse.ArgumentParser) -> None:
-    """One option per RenderConfig field. The default stays RenderConfig's (shown in --help), so that
-    an option not given is not passed on: callers may put their own defaults under the config."""
+def add_config_options(p: argparse.ArgumentParser, skip: tuple[str, ...] = (), helps: dict | None = None) -> None:
+    """One option per RenderConfig field but those in `skip` (`helps`: help texts replacing HELP's). The default
+    stays RenderConfig's (shown in --help), so that an option not given is not passed on: callers may put their
+    own defaults under the config."""
     hints = typing.get_type_hints(RenderConfig)
     for f in dataclasses.fields(RenderConfig):
+        if f.name in skip:
+            continue
         opt = OPTION_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = HELP.get(f.name, "")
+        text = (helps or {}).get(f.name, HELP.get(f.name, ""))
         if "(default" not in text:
             text = f"{text} (default: {_show_default(default)})"
         kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
@@ -126,8 +134,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     r = sub.add_parser("render", help="render an image", formatter_class=HelpFormatter)
-    add_config_options(r)
-    r.add_argument("--out", default="apt-dist.png", help="output PNG path (written atomically)")
+    add_config_options(r, skip=INIT_FIELDS)
+    _add_render_options(r)
+
+    u = sub.add_parser("upscale", help="upscale an existing picture (APT from it instead of from text)",
+                       formatter_class=HelpFormatter,
+                       description="Upscale IMAGE: it is resized to the model's native size and encoded with the VAE, "
+                                   "and takes the place of phase 1's result; the upscaling phases run as for a render.")
+    u.add_argument("init_image", metavar="IMAGE", help="the picture to upscale (PNG, JPEG, WebP, TIFF, ...)")
+    add_config_options(u, skip=("init_image", "init_fit"), helps={
+        "width": "output width in pixels, a multiple of 8, with --height (default: from --scale)",
+        "height": "output height in pixels, a multiple of 8, with --width (default: from --scale)"})
+    t = u.add_argument_group("target size and fit")
+    t.add_argument("--scale", type=int, choices=(2, 3, 4), default=None,
+                   help="output = SCALE x the model's native size (phase 1: its long side the native window, "
+                        "the picture's aspect) (default: 2, unless --width/--height are given)")
+    fit = t.add_mutually_exclusive_group()
+    fit.add_argument("--crop", choices=("center",), default=None,
+                     help="a --width/--height of another aspect than the picture's: crop the picture's centre to it "
+                          "(default: refuse another aspect)")
+    fit.add_argument("--pad", action="store_true", help="... or pad the picture with white to it")
+    _add_render_options(u, out_default="apt-dist-upscaled.png")
+
+    pl = sub.add_parser("plan", help="print the plan of a render (phases, patches, UNet evaluations); loads no model",
+                        formatter_class=HelpFormatter)
+    add_config_options(pl, skip=INIT_FIELDS)
+    pl.add_argument("--json", action="store_true", help="print JSON")
+    pl.add_argument("--debug", action="store_true", help="show the traceback of a failure instead of one line")
+    pl.add_argument("--workers", type=int, default=None, help="also estimate wall time on this many workers (default: no estimate)")
+    pl.add_argument("--seconds-per-patch", type=float, default=0.035, help="UNet time per patch with guidance (H100 SDXL: ~0.035)")
+    return p
+
+
+def _add_render_options(r: argparse.ArgumentParser, out_default: str = "apt-dist.png") -> None:
+    """What render and upscale share beside the RenderConfig fields: output, checkpoints, Ray, --debug."""
+    r.add_argument("--out", default=out_default, help="output PNG path (written atomically)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--driver-threads", type=int, default=None,
                    help="torch threads of this process: the driver's tensor work, and without --workers the UNet's too "
@@ -161,15 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     r.add_argument("--debug", action="store_true", help="print the traceback of a runtime failure")
 
-    pl = sub.add_parser("plan", help="print the plan of a render (phases, patches, UNet evaluations); loads no model",
-                        formatter_class=HelpFormatter)
-    add_config_options(pl)
-    pl.add_argument("--json", action="store_true", help="print JSON")
-    pl.add_argument("--debug", action="store_true", help="show the traceback of a failure instead of one line")
-    pl.add_argument("--workers", type=int, default=None, help="also estimate wall time on this many workers (default: no estimate)")
-    pl.add_argument("--seconds-per-patch", type=float, default=0.035, help="UNet time per patch with guidance (H100 SDXL: ~0.035)")
-    return p
-
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
@@ -202,14 +234,38 @@ class RuntimeFailure(RuntimeError):
 
 
 def _main(ns) -> int:
-    config = config_from_args(ns).validate()
+    config = (_upscale_config(ns) if ns.command == "upscale" else config_from_args(ns)).validate()
     _set_driver_threads(getattr(ns, "driver_threads", None))
-    if ns.command == "render":
+    if ns.command in ("render", "upscale"):
         configure_logging()
         return _render(config, ns)
     if ns.command == "plan":
         return _plan(config, ns)
     return 0
+
+
+def _upscale_config(ns) -> RenderConfig:
+    """upscale's RenderConfig: the picture, its fit, and the target from --scale or --width/--height."""
+    from .init_image import check_image, scaled_size
+
+    config = config_from_args(ns)
+    config.init_fit = "crop" if ns.crop else "pad" if ns.pad else "exact"
+    size = check_image(config.init_image)  # not an image, zero-sized, too large: refused before anything else
+    given = [o for o in ("width", "height") if hasattr(ns, o)]
+    if ns.scale is not None and given:
+        raise ConfigError("--scale", f"give --scale or --width/--height, not both (got --scale {ns.scale} and --{given[0]})")
+    if len(given) == 1:
+        other = "height" if given[0] == "width" else "width"
+        raise ConfigError(f"--{other}", f"give both --width and --height (or --scale), got only --{given[0]}")
+    if not given:
+        from .loading import check_source, model_source
+        from .models import model_info
+
+        config.validate()  # the model's name, before its configs are read
+        check_source(model_source(config))
+        info = model_info(model_source(config))
+        config.width, config.height = scaled_size(size, ns.scale or 2, info.native_window, info.vae_scale)
+    return config
 
 
 class _LogToStderr(logging.Handler):
@@ -272,6 +328,11 @@ def _render(config: RenderConfig, ns) -> int:
     plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels)
     if ns.checkpoint and not ns.restart:  # a checkpoint that cannot be trusted is refused here, before any work
         ckpt.load(ns.checkpoint, config, plan, info.latent_channels)
+    if config.init_image is not None:
+        first = plan.phases[0]
+        print(f"upscaling {config.init_image} ({_size(config.init_image)}), phase 1 at {first.width}x{first.height}"
+              + (f", {config.init_fit} to the target's aspect" if config.init_fit != "exact" else "")
+              + (f", phase 1 img2img at strength {config.init_strength:g} ({first.steps} steps)" if config.init_strength else ""))
     remove_stale_files()  # what drivers killed on this node left behind
     try:
         result = render(config, executor=executor, progress=not ns.no_progress, checkpoint=ns.checkpoint,
@@ -293,6 +354,13 @@ def _render(config: RenderConfig, ns) -> int:
     )
     _print_workers(result.executor_summary)
     return 0
+
+
+def _size(image) -> str:
+    from .init_image import check_image
+
+    w, h = check_image(image)
+    return f"{w}x{h}"
 
 
 def _keep_result(result, ns) -> str:

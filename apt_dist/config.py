@@ -20,6 +20,7 @@ from .matching import SM_STATS
 from .schedules import SCHEDULERS
 
 METHODS = ("apt", "demofusion")
+INIT_FITS = ("exact", "crop", "pad")
 DEFAULT_ETA = {2: 2.0, 3: 3.0, 4: 3.5}  # per phase; larger phases keep the last value
 APT_SHORTCUT = 0.6  # the paper's T0 = 30 of 50, as the share of the steps an upscaling phase runs
 
@@ -71,8 +72,12 @@ class RenderConfig:
     # Work units: patches per UNet call, and whether the two guidance halves are separate calls.
     view_batch_size: int = 1
     split_guidance: bool = True
+    # Upscaling an existing picture (apt-dist upscale): it takes the place of phase 1's result.
+    init_image: object = None  # PIL.Image or an image file's path; None: text-to-image
+    init_strength: float = 0.0  # 0: the picture as it is; (0, 1]: phase 1 re-noised and denoised, as img2img
+    init_fit: str = "exact"  # when its aspect is not the target's: "exact" (refuse) | "crop" (centre) | "pad" (white)
     # Decoding and outputs.
-    decode_tile: int | None = None  # latent tile; None: the native window
+    decode_tile: int | None = None  # latent tile (also an input picture's encode tile); None: the native window
     decode_overlap: int | None = None  # latents; None: a quarter of the tile
     decode_context: int | None = None  # latents of surroundings decoded with each tile; None: max(8, tile / 8)
     save_phases: bool = False
@@ -94,6 +99,11 @@ class RenderConfig:
         if self.method != "apt":
             return self.steps
         return self.steps - min(self.steps - 1, round((1 - self.shortcut) * self.steps))
+
+    @property
+    def init_steps(self) -> int:
+        """Phase-1 steps when it starts from a picture: diffusers img2img's int(steps * strength)."""
+        return min(int(self.steps * self.init_strength), self.steps)
 
     def eta_for(self, phase: int) -> float | None:
         """Scale-aware Scheduling eta of phase `phase` (1-based); None: the model's own table."""
@@ -155,6 +165,13 @@ class RenderConfig:
             tile = self.decode_tile
             if tile is not None and self.decode_overlap >= tile:
                 raise ConfigError("--decode-overlap", f"must be smaller than --decode-tile={tile}, got {self.decode_overlap}")
+        if not _finite(self.init_strength) or not 0 <= self.init_strength <= 1:
+            raise ConfigError("--init-strength", f"must be a number in [0, 1] (0: the picture as it is), got {self.init_strength!r}")
+        _choice("--init-fit", self.init_fit, INIT_FITS)
+        if self.init_image is not None:
+            from .init_image import check_image
+
+            check_image(self.init_image)  # readable, and of a sane size: the header only
         from .models import DTYPES, check_model_name  # local: keeps `import apt_dist.config` light
 
         _choice("--dtype", self.dtype, DTYPES)
@@ -200,7 +217,11 @@ class RenderConfig:
 
     # ---- (de)serialisation -------------------------------------------------------
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(dataclasses.replace(self, init_image=None))  # a PIL image is not copied, nor JSON
+        if self.init_image is not None:
+            from .init_image import identity
+
+            d["init_image"] = identity(self.init_image)  # name, size and SHA-256: part of the render's identity
         d["eta"] = {str(k): v for k, v in self.eta.items()}
         loras = self.lora_list()
         d["loras"] = [[x.path, x.scale] for x in loras]
@@ -225,6 +246,8 @@ class RenderConfig:
         d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
         if "eta" in d:
             d["eta"] = {int(k): float(v) for k, v in d["eta"].items()}
+        if isinstance(d.get("init_image"), dict):  # an identity record: the picture itself is not stored
+            d["init_image"] = d["init_image"].get("name")
         return cls(**d)
 
 

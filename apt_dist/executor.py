@@ -199,12 +199,13 @@ class ExecutorStats:
     unet_calls: int = 0  # work units run
     unet_rows: int = 0  # UNet batch rows (2 per patch)
     decode_tiles: int = 0
+    encode_tiles: int = 0
     seconds: float = 0.0  # wall time inside predict(), less the caller's `then` work
     events: list[str] = field(default_factory=list)  # worker losses, retries, ...
 
 
 class Executor(ABC):
-    """Base of every executor. Subclasses implement `_run_units` and `_decode`."""
+    """Base of every executor. Subclasses implement `_run_units` and `_decode` (and, to upscale images, `_encode`)."""
 
     def __init__(self):
         self.stats = ExecutorStats()
@@ -269,6 +270,22 @@ class Executor(ABC):
         """The VAE decoder's GroupNorm statistics of the whole latent (decoded once, downsampled to max_side)."""
         return self._norm_stats(latent, max_side)
 
+    def encode(self, tiles: list[torch.Tensor], norm_stats: dict | None = None) -> list[torch.Tensor]:
+        """Encode image tiles [3, H, W] in [-1, 1] to model latent tiles [C, H/8, W/8], all with the same encoder
+        GroupNorm statistics (an upscale's input image)."""
+        self.stats.encode_tiles += len(tiles)
+        return self._encode(tiles, norm_stats)
+
+    def encoder_norm_stats(self, image: torch.Tensor, max_side: int) -> dict:
+        """The VAE encoder's GroupNorm statistics of the whole image [1, 3, H, W] (encoded once, downsampled to max_side px)."""
+        return self._encoder_norm_stats(image, max_side)
+
+    def _encode(self, tiles: list[torch.Tensor], norm_stats: dict | None) -> list[torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} cannot encode images (it has no VAE encoder)")
+
+    def _encoder_norm_stats(self, image: torch.Tensor, max_side: int) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} cannot encode images (it has no VAE encoder)")
+
     @abstractmethod
     def _run_units(self, timestep: int, units: list[WorkUnit], patches: list[torch.Tensor], crops: list[tuple[int, int]],
                    deliver) -> None:
@@ -324,3 +341,9 @@ class InProcessExecutor(Executor):
 
     def _norm_stats(self, latent, max_side):
         return self._denoiser.group_norm_stats(latent, max_side=max_side)
+
+    def _encode(self, tiles, norm_stats):
+        return [self._denoiser.encode(t[None], norm_stats=norm_stats)[0] for t in tiles]
+
+    def _encoder_norm_stats(self, image, max_side):
+        return self._denoiser.encoder_group_norm_stats(image, max_side=max_side)

@@ -646,6 +646,11 @@ def _decoder_group_norms(vae: torch.nn.Module) -> dict[str, torch.nn.GroupNorm]:
     return {f"decoder.{name}": m for name, m in vae.decoder.named_modules() if isinstance(m, torch.nn.GroupNorm)}
 
 
+def _encoder_group_norms(vae: torch.nn.Module) -> dict[str, torch.nn.GroupNorm]:
+    """Every ``torch.nn.GroupNorm`` on the VAE's encode path (``encoder``; ``quant_conv`` is a 1x1 conv), by name."""
+    return {f"encoder.{name}": m for name, m in vae.encoder.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+
+
 @contextlib.contextmanager
 def _recording_group_norm_stats(norms: dict[str, torch.nn.GroupNorm], out: dict) -> Iterator[None]:
     """Record each GroupNorm input's per-group (mean, biased var) of batch row 0 into `out` (forward pre-hooks)."""
@@ -866,6 +871,57 @@ class Denoiser:
         with _recording_group_norm_stats(_decoder_group_norms(self.vae), stats):
             self.vae.decode(self._vae_input(z), return_dict=False)
         return stats
+
+    def _model_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """What ``vae.encode`` gives -> model latents: the inverse of :meth:`_vae_input`, in float32 on the CPU."""
+        cfg = self.vae.config
+        z = z.to(torch.float32)
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean, dtype=torch.float32, device=z.device).view(1, -1, 1, 1)
+            std_t = torch.tensor(std, dtype=torch.float32, device=z.device).view(1, -1, 1, 1)
+            z = (z - mean_t) * cfg.scaling_factor / std_t
+        else:
+            if getattr(cfg, "shift_factor", None) is not None:
+                z = z - cfg.shift_factor
+            z = z * cfg.scaling_factor
+        return z.to(device="cpu")
+
+    @torch.no_grad()
+    def encoder_group_norm_stats(self, images: torch.Tensor, max_side: int = 512) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`group_norm_stats` for the encoder: per-group (mean, var) of every encoder GroupNorm's input.
+
+        images: float32 [1, 3, H, W] in [-1, 1], the whole image; it is encoded once, downsampled (area average)
+        so that its long side is at most `max_side` pixels. Pass the result to :meth:`encode`.
+        """
+        if images.ndim != 4 or images.shape[0] != 1:
+            raise ValueError(f"images must be one whole image [1, 3, H, W], got shape {tuple(images.shape)}")
+        if int(max_side) < 1:
+            raise ValueError(f"max_side must be >= 1, got {max_side}")
+        h, w = images.shape[-2:]
+        x = images.to(device=self.device, dtype=torch.float32)
+        if max(h, w) > max_side:
+            f = max_side / max(h, w)
+            size = (max(1, min(max_side, round(h * f))), max(1, min(max_side, round(w * f))))
+            x = torch.nn.functional.interpolate(x, size=size, mode="area")
+        stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with _recording_group_norm_stats(_encoder_group_norms(self.vae), stats):
+            self.vae.encode(x.to(self.vae_dtype))
+        return stats
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, norm_stats: dict | None = None) -> torch.Tensor:
+        """float32 [B, 3, H, W] images in [-1, 1] -> float32 CPU [B, C, H/vae_scale, W/vae_scale] model latents.
+
+        The latent distribution's mean (its mode), so encoding is deterministic; scaled by the VAE's
+        `scaling_factor`, and normalised with its `latents_mean`/`latents_std` where its config has them.
+        norm_stats: None, or :meth:`encoder_group_norm_stats` of the whole image these are tiles of.
+        """
+        x = images.to(device=self.device, dtype=self.vae_dtype)
+        shared = contextlib.nullcontext() if norm_stats is None else _shared_group_norm(_encoder_group_norms(self.vae), norm_stats)
+        with shared:
+            z = self.vae.encode(x).latent_dist.mode()
+        return self._model_latents(z)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, norm_stats: dict | None = None) -> torch.Tensor:

@@ -127,6 +127,10 @@ def write_result(result, out: str | os.PathLike) -> list[Path]:
     # Every phase of the plan: a resumed render's too, not only the phases it rendered itself.
     extra = {"apt_dist_version": __version__, "phases": [f"{p.width}x{p.height}" for p in result.plan.phases],
              "scheduler": result.plan.scheduler}  # what --scheduler auto resolved to
+    if cfg.init_image is not None:  # an upscale: the picture it started from
+        from .init_image import identity
+
+        extra["input_image"] = identity(cfg.init_image)
     info = png_metadata(cfg.prompt, cfg.seed, cfg.to_json(), extra)
     out = Path(out)
     paths = [save_png_atomic(result.image, out, info)]

@@ -157,8 +157,10 @@ def check_bounds(config: RenderConfig, native: int, vae_scale: int, latent_chann
 
 
 def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.SchedulerConfig | None = None,
-               latent_channels: int = 4) -> Plan:
-    """`scheduler`: the model's scheduler config (None: SDXL base's)."""
+               latent_channels: int = 4, from_image: bool | None = None) -> Plan:
+    """`scheduler`: the model's scheduler config (None: SDXL base's). `from_image`: phase 1 starts from a
+    picture's latent (img2img: `config.init_steps` steps; None: whether `config.init_image` is set)."""
+    from_image = config.init_image is not None if from_image is None else from_image
     scheduler = scheduler or S.SDXL_SCHEDULER
     config.validate_for_model(native, scheduler.num_train_timesteps)
     check_bounds(config, native, vae_scale, latent_channels)
@@ -168,7 +170,7 @@ def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.S
     phases = []
     for index, (h, w) in enumerate(shapes, start=1):
         if index == 1:
-            d, steps, local, dil = 1, config.steps, 1, 0
+            d, steps, local, dil = 1, config.init_steps if from_image else config.steps, 1, 0
             units = len(make_units([(h, w)], config.view_batch_size, config.split_guidance))
         else:
             d = dilation_factor((h, w), native)
@@ -190,13 +192,17 @@ def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.S
                 dilation=d,
                 steps=steps,
                 start_step=start,
-                start_timestep=S.model_timestep(sched, start),
+                start_timestep=S.model_timestep(sched, start) if start < config.steps else 0,  # 0: a picture as it is
                 eta=config.eta_for(index),
                 local_windows=local,
                 dilated_patches=dil,
                 units_per_step=units,
             )
         )
+    if config.init_image is not None:
+        from .init_image import check_fit
+
+        check_fit(config, phases[0])
     shortcut = config.shortcut if config.method == "apt" and config.shortcut_steps is None else None
     return Plan(config.width, config.height, native, vae_scale, stride, tuple(phases), sched.kind, scheduler, shortcut)
 

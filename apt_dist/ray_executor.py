@@ -449,6 +449,22 @@ class RayExecutor(Executor):
                        _store(results), weights=[0], what="decode statistics")
         return results[0]
 
+    def _encode(self, tiles, norm_stats):
+        import ray
+
+        arrays = [t.numpy() for t in tiles]
+        results: list = [None] * len(arrays)
+        stats_ref = ray.put(norm_stats)
+        self._dispatch(len(arrays), lambda w, idx: w.handle.encode.remote([arrays[i] for i in idx], stats_ref),
+                       _store(results), weights=[0] * len(arrays), what="encode")
+        return [_as_tensor(o) for o in results]
+
+    def _encoder_norm_stats(self, image, max_side):
+        results: list = [None]
+        self._dispatch(1, lambda w, idx: w.handle.encoder_group_norm_stats.remote([image.numpy()], max_side),
+                       _store(results), weights=[0], what="encode statistics")
+        return results[0]
+
     def _dispatch(self, n: int, submit, receive, weights: list[float], what: str, ready=None) -> None:
         """Run items 0..n-1 on live workers: `submit(worker, indices)` -> ref; `receive(indices, outputs)` per reply.
 

@@ -10,7 +10,10 @@ unnoticed. It is slow on purpose; use it to check, not to render.
 
 Random draws come from one generator seeded with the render's seed, in this order:
 phase 1's noise; then per upscaling phase its one noise tensor, then each step's window
-jitter. The production sampler draws the same numbers in the same order.
+jitter. The production sampler draws the same numbers in the same order. Upscaling a
+picture (`init_latent`), phase 1's noise re-noises its latent (img2img), and is drawn
+even when it is not used (init_strength 0), so the upscaling phases draw what they draw
+after text-to-image.
 """
 
 from __future__ import annotations
@@ -25,24 +28,34 @@ from .matching import ReferenceStats, standardize_to, statistical_matching
 from .planning import PhasePlan, Plan, build_plan, phase_schedule
 
 
-def reference_render(config: RenderConfig, denoiser, embeds) -> list[torch.Tensor]:
-    """Every phase's final latent [1, C, h, w], the last one the image's. `denoiser`: a `models.Denoiser`."""
+def reference_render(config: RenderConfig, denoiser, embeds, init_latent: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Every phase's final latent [1, C, h, w], the last one the image's. `denoiser`: a `models.Denoiser`.
+    `init_latent`: a picture's latent at phase 1's size, which phase 1 starts from (see `reference_phase`)."""
     info = denoiser.info
-    plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler)
+    plan = build_plan(config, info.native_window, info.vae_scale, info.scheduler, from_image=init_latent is not None)
     unet = _GuidedUNet(denoiser, embeds, (config.height, config.width), config.guidance_scale)
     gen = torch.Generator().manual_seed(config.seed)
-    z1 = reference_phase(config, plan.phases[0], info, unet, gen)
+    z1 = reference_phase(config, plan.phases[0], info, unet, gen, init_latent)
     latents = [z1]
     for phase in plan.phases[1:]:
         latents.append(upscale_phase(config, plan, phase, info, unet, gen, latents[-1], ReferenceStats.of(z1)))
     return latents
 
 
-def reference_phase(config: RenderConfig, phase: PhasePlan, info, unet, gen: torch.Generator) -> torch.Tensor:
-    """Phase 1: plain SDXL text-to-image at the native size."""
+def reference_phase(config: RenderConfig, phase: PhasePlan, info, unet, gen: torch.Generator,
+                    init: torch.Tensor | None = None) -> torch.Tensor:
+    """Phase 1: plain SDXL text-to-image at the native size. From a picture's latent `init`: diffusers'
+    img2img, which noises it to the start step int(steps * init_strength) steps before the end and denoises
+    from there; no steps (init_strength 0): the latent as it is."""
     sched = phase_schedule(config, info.scheduler)  # the model's own table
-    x = torch.randn(1, info.latent_channels, phase.latent_height, phase.latent_width, generator=gen) * S.init_noise_sigma(sched)
-    for i in range(config.steps):
+    noise = torch.randn(1, info.latent_channels, phase.latent_height, phase.latent_width, generator=gen)
+    if init is None:
+        x = noise * S.init_noise_sigma(sched)
+    elif phase.steps == 0:
+        x = init
+    else:
+        x = S.add_noise(sched, init, noise, phase.start_step)
+    for i in range(phase.start_step, config.steps):
         eps = unet(S.scale_model_input(sched, x, i), S.model_timestep(sched, i), (0, 0))
         x = S.step(sched, x, eps, i)
     return x

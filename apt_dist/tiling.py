@@ -1,8 +1,9 @@
-"""Tiled VAE decoding: overlapping latent tiles, decoded independently, blended smoothly.
+"""Tiled VAE decoding and encoding: overlapping latent tiles, coded independently, blended smoothly.
 
-The tile geometry and the blend are pure functions; the decoding itself goes through
-an executor, so workers can share the tiles. Memory on a worker is bounded by the
-tile size, whatever the image size.
+The tile geometry and the blend are pure functions; the decoding (encoding) itself goes
+through an executor, so workers can share the tiles. Memory on a worker is bounded by the
+tile size, whatever the image size. Both directions cut the same tiles of the latent grid
+(an encoder tile is the pixels over a latent tile), with the same context and blend.
 """
 
 from __future__ import annotations
@@ -30,6 +31,29 @@ def ramp(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
     return w
 
 
+def _tiles(h: int, w: int, tile: int, overlap: int, context: int):
+    """Latent boxes (top, left, th, tw) covering h x w, and each box's context margins (top, bottom, left, right)."""
+    tops, lefts = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    boxes = [(t, l, min(tile, h), min(tile, w)) for t in tops for l in lefts]
+    margins = [(min(context, t), min(context, h - t - th), min(context, l), min(context, w - l - tw)) for t, l, th, tw in boxes]
+    return boxes, margins
+
+
+def _blend(parts: list[torch.Tensor], boxes, h: int, w: int, overlap: int, scale: int) -> torch.Tensor:
+    """Weighted sum of tiles [K, th*scale, tw*scale] placed at `boxes` (latent units), over the summed weights."""
+    out = torch.zeros(parts[0].shape[0], h * scale, w * scale, dtype=torch.float64)
+    weight = torch.zeros(1, h * scale, w * scale, dtype=torch.float64)
+    fade = overlap * scale
+    for (t, l, th, tw), part in zip(boxes, parts):
+        wy = ramp(th * scale, fade if t > 0 else 0, fade if t + th < h else 0)
+        wx = ramp(tw * scale, fade if l > 0 else 0, fade if l + tw < w else 0)
+        wt = (wy[:, None] * wx[None, :])[None]
+        ys, xs = slice(t * scale, (t + th) * scale), slice(l * scale, (l + tw) * scale)
+        out[:, ys, xs] += part.to(torch.float64) * wt
+        weight[:, ys, xs] += wt
+    return (out / weight).to(torch.float32)[None]
+
+
 def decode_tiled(latent: torch.Tensor, decode_fn, tile: int, overlap: int, scale: int, context: int = 0) -> torch.Tensor:
     """Decode [1, C, h, w] latents to [1, 3, h*scale, w*scale] through `decode_fn(list of [C, th, tw]) -> list of [3, ...]`.
 
@@ -40,20 +64,28 @@ def decode_tiled(latent: torch.Tensor, decode_fn, tile: int, overlap: int, scale
     and the borders of the image keep full weight.
     """
     _, _, h, w = latent.shape
-    tops, lefts = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-    boxes = [(t, l, min(tile, h), min(tile, w)) for t in tops for l in lefts]
-    margins = [(min(context, t), min(context, h - t - th), min(context, l), min(context, w - l - tw)) for t, l, th, tw in boxes]
+    boxes, margins = _tiles(h, w, tile, overlap, context)
     padded = decode_fn([latent[0, :, t - mt : t + th + mb, l - ml : l + tw + mr] for (t, l, th, tw), (mt, mb, ml, mr) in zip(boxes, margins)])
     images = [img[:, mt * scale : mt * scale + th * scale, ml * scale : ml * scale + tw * scale]
               for img, (t, l, th, tw), (mt, mb, ml, mr) in zip(padded, boxes, margins)]
-    out = torch.zeros(3, h * scale, w * scale, dtype=torch.float64)
-    weight = torch.zeros(1, h * scale, w * scale, dtype=torch.float64)
-    fade = overlap * scale
-    for (t, l, th, tw), img in zip(boxes, images):
-        wy = ramp(th * scale, fade if t > 0 else 0, fade if t + th < h else 0)
-        wx = ramp(tw * scale, fade if l > 0 else 0, fade if l + tw < w else 0)
-        wt = (wy[:, None] * wx[None, :])[None]
-        ys, xs = slice(t * scale, (t + th) * scale), slice(l * scale, (l + tw) * scale)
-        out[:, ys, xs] += img.to(torch.float64) * wt
-        weight[:, ys, xs] += wt
-    return (out / weight).to(torch.float32)[None]
+    return _blend(images, boxes, h, w, overlap, scale)
+
+
+def encode_tiled(image: torch.Tensor, encode_fn, tile: int, overlap: int, scale: int, context: int = 0) -> torch.Tensor:
+    """Encode a [1, 3, H, W] image (H, W multiples of `scale`) to [1, C, H/scale, W/scale] latents through
+    `encode_fn(list of [3, th*scale, tw*scale]) -> list of [C, th, tw]`.
+
+    The mirror of `decode_tiled`: the latent grid is cut into the same tiles; each tile's
+    pixels go to the encoder with `context` latents' worth of surrounding pixels, whose
+    latents are cropped off again, and the tiles blend over their overlap.
+    """
+    _, _, height, width = image.shape
+    if height % scale or width % scale:
+        raise ValueError(f"image size {width}x{height} is not a multiple of the VAE scale {scale}")
+    h, w = height // scale, width // scale
+    boxes, margins = _tiles(h, w, tile, overlap, context)
+    s = scale
+    padded = encode_fn([image[0, :, (t - mt) * s : (t + th + mb) * s, (l - ml) * s : (l + tw + mr) * s]
+                        for (t, l, th, tw), (mt, mb, ml, mr) in zip(boxes, margins)])
+    latents = [z[:, mt : mt + th, ml : ml + tw] for z, (t, l, th, tw), (mt, mb, ml, mr) in zip(padded, boxes, margins)]
+    return _blend(latents, boxes, h, w, overlap, 1)

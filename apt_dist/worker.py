@@ -1,4 +1,4 @@
-"""The Ray worker: one UNet replica (and the VAE) behind two methods, predict and decode.
+"""The Ray worker: one UNet replica (and the VAE) behind predict, decode and encode.
 
 A small class on purpose. What travels: per call, for each work unit, its unique patches
 plus their rows (patch, guidance branch) and crops. On the driver's node the patches and
@@ -158,3 +158,18 @@ class UNetWorker:
         import torch
 
         return [self.denoiser.group_norm_stats(torch.from_numpy(np.ascontiguousarray(latents[0])), max_side=max_side)], time.perf_counter() - t0
+
+    def encode(self, tiles: list[np.ndarray], norm_stats: dict | None):
+        t0 = time.perf_counter()
+        import torch
+
+        outs = [self.denoiser.encode(torch.from_numpy(np.ascontiguousarray(t))[None], norm_stats=norm_stats)[0].numpy()
+                for t in tiles]
+        return outs, time.perf_counter() - t0
+
+    def encoder_group_norm_stats(self, images: list[np.ndarray], max_side: int):
+        t0 = time.perf_counter()
+        import torch
+
+        image = torch.from_numpy(np.ascontiguousarray(images[0]))
+        return [self.denoiser.encoder_group_norm_stats(image, max_side=max_side)], time.perf_counter() - t0

@@ -42,8 +42,8 @@ MUTATIONS = {
     ),
     "shortcut starts one step late": (
         "x = S.add_noise(sched, z, noise, phase.start_step)  # the shortcut",
-        "phase = __import__('dataclasses').replace(phase, start_step=phase.start_step + 1, steps=phase.steps - 1)\n"
-        "        x = S.add_noise(sched, z, noise, phase.start_step)  # the shortcut",
+        ("phase = __import__('dataclasses').replace(phase, start_step=phase.start_step + 1, steps=phase.steps - 1)\n"
+         "        x = S.add_noise(sched, z, noise, phase.start_step)  # the shortcut"),
     ),
     "blur sigma doubled": (
         "dilated = DilatedViews(x, d, cfg.sigma * c3, sched, i)",
@@ -56,12 +56,12 @@ def run_tests(package_parent: Path, selection: str) -> tuple[int, str]:
     # Run from the copy's folder: `python -m` puts the working directory first on sys.path.
     env = dict(os.environ, PYTHONPATH=str(package_parent))
     where = subprocess.run([sys.executable, "-c", "import apt_dist; print(apt_dist.__file__)"], cwd=package_parent, env=env,
-                           capture_output=True, text=True).stdout.strip()
+                           capture_output=True, text=True, check=False).stdout.strip()
     if not where.startswith(str(package_parent)):
         raise SystemExit(f"mutation check: the tests would import {where!r}, not the copy in {package_parent}")
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_reference.py"),
            "-m", "not slow", "-k", selection]
-    proc = subprocess.run(cmd, cwd=package_parent, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=package_parent, env=env, capture_output=True, text=True, check=False)
     return proc.returncode, proc.stdout + proc.stderr
 
 

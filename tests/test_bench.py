@@ -44,15 +44,6 @@ def test_bench_config_defaults_and_workers_option():
     assert main(["scaling", "--steps", "0"]) == 2
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # the benchmarks reuse it
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_bench_overhead_one_worker(ray_local):
     t = bench.bench_overhead(RenderConfig(model="sdxl-random", width=1024, height=1024, steps=2), workers=1, repeats=1)

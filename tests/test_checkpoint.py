@@ -10,7 +10,7 @@ import torch
 from helpers import small_config
 
 from apt_dist import checkpoint as ckpt
-from apt_dist import cli, models, render, sampler
+from apt_dist import cli, render, sampler
 from apt_dist.config import ConfigError
 from apt_dist.executor import InProcessExecutor
 
@@ -43,6 +43,66 @@ def test_resume_after_a_crash_gives_the_same_image(tmp_path, executor):
     assert resumed.resumed_phases == 2
     assert torch.equal(resumed.latent, whole.latent)
     assert resumed.image.tobytes() == whole.image.tobytes()
+
+
+@pytest.mark.parametrize("phase,step", [(1, 3), (3, 4)])
+def test_resume_inside_a_phase_from_an_in_phase_checkpoint_gives_the_same_image(tmp_path, executor, phase, step):
+    """With --checkpoint-every 0 the state is saved before every step after a phase's first: a render stopped after
+    step `step` resumes at that step (its checkpoint was written before it ran), and ends bit-identical."""
+    ck = tmp_path / "render.ckpt"
+    whole = render(small_config(), executor=executor, progress=False)
+
+    def crash(ph, i, t):
+        if (ph, i) == (phase, step):
+            raise Crash()
+
+    with pytest.raises(Crash):
+        render(small_config(), executor=executor, progress=False, checkpoint=str(ck), checkpoint_every_s=0.0, callback=crash)
+    state = torch.load(ck, weights_only=True)
+    assert (state["in_phase"]["phase"], state["in_phase"]["step"]) == (phase, step)
+    assert len(state["latents"]) == phase - 1
+
+    seen = []
+    resumed = render(small_config(), executor=executor, progress=False, checkpoint=str(ck),
+                     callback=lambda ph, i, t: seen.append((ph, i)))
+    assert seen[0] == (phase, step)  # nothing before the checkpointed step is rendered again
+    assert torch.equal(resumed.latent, whole.latent)
+    assert resumed.image.tobytes() == whole.image.tobytes()
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_phase_resumes_from_its_in_phase_checkpoint_bit_identically(tmp_path):
+    """A real kill: SIGKILL of the CLI's process once its checkpoint holds a step of the last phase."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ARGS + ["--driver-threads", "1", "--checkpoint-every", "0.001"]
+    whole, killed, ck = tmp_path / "whole.png", tmp_path / "killed.png", tmp_path / "render.ckpt"
+    assert cli.main(args + ["--out", str(whole)]) == 0
+    command = [sys.executable, "-m", "apt_dist", *args, "--out", str(killed), "--checkpoint", str(ck)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                within = torch.load(ck, weights_only=True)["in_phase"] if ck.exists() else None
+            except Exception:  # an atomic rename in progress: read again
+                within = None
+            if within is not None and within["phase"] == 3:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        assert proc.wait(timeout=60) == -signal.SIGKILL, "the render ended before its last phase was checkpointed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not killed.exists()
+    assert cli.main(args + ["--out", str(killed), "--checkpoint", str(ck)]) == 0
+    from PIL import Image
+
+    assert Image.open(killed).tobytes() == Image.open(whole).tobytes()
 
 
 def test_a_checkpoint_of_another_render_is_refused(tmp_path, executor):
@@ -169,16 +229,6 @@ RAW = {
 }
 
 
-@pytest.fixture
-def no_render(monkeypatch):
-    def boom(*a, **k):
-        raise AssertionError("the render started before the checkpoint was checked")
-
-    monkeypatch.setattr(models, "Denoiser", boom)
-    monkeypatch.setattr(models, "encode_prompt", boom)
-    monkeypatch.setattr(sampler, "render", boom)
-
-
 def _refused(data: bytes, tmp_path, capsys, extra=()):
     ck, out = tmp_path / "bad.ckpt", tmp_path / "out.png"
     ck.write_bytes(data)
@@ -191,18 +241,18 @@ def _refused(data: bytes, tmp_path, capsys, extra=()):
 
 
 @pytest.mark.parametrize("case", sorted(TAMPERED))
-def test_a_tampered_checkpoint_is_refused_with_exit_2_and_left_unchanged(case, two_phases, tmp_path, capsys, no_render):
+def test_a_tampered_checkpoint_is_refused_with_exit_2_and_left_unchanged(case, two_phases, tmp_path, capsys, no_models):
     data = TAMPERED[case](_state(two_phases, tmp_path))
     (tmp_path / "orig.ckpt").unlink()
     _refused(data, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("case", sorted(RAW))
-def test_a_damaged_checkpoint_file_is_refused_with_exit_2_and_left_unchanged(case, two_phases, tmp_path, capsys, no_render):
+def test_a_damaged_checkpoint_file_is_refused_with_exit_2_and_left_unchanged(case, two_phases, tmp_path, capsys, no_models):
     _refused(RAW[case](two_phases), tmp_path, capsys)
 
 
-def test_the_checks_say_what_is_wrong(two_phases, tmp_path, capsys, no_render):
+def test_the_checks_say_what_is_wrong(two_phases, tmp_path, capsys, no_models):
     s = _state(two_phases, tmp_path)
     (tmp_path / "orig.ckpt").unlink()
     assert "4 phase latents but this render has 3 phases" in _refused(TAMPERED["extra latent"](s), tmp_path, capsys)
@@ -213,7 +263,7 @@ def test_the_checks_say_what_is_wrong(two_phases, tmp_path, capsys, no_render):
     assert "--restart" in _refused(TAMPERED["scaled values"](s), tmp_path, capsys)
 
 
-def test_a_checkpoint_of_another_render_exits_2_and_is_left_unchanged(two_phases, tmp_path, capsys, no_render):
+def test_a_checkpoint_of_another_render_exits_2_and_is_left_unchanged(two_phases, tmp_path, capsys, no_models):
     ck, out = tmp_path / "c.ckpt", tmp_path / "out.png"
     ck.write_bytes(two_phases)
     assert cli.main([a if a != "7" else "99" for a in ARGS] + ["--checkpoint", str(ck), "--out", str(out)]) == 2

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-import ray
 import torch
 from helpers import small_config
 from test_loading import make_tiny_lora
@@ -17,16 +16,9 @@ from apt_dist.executor import InProcessExecutor
 from apt_dist.models import build_tiny_pipeline
 from apt_dist.ray_executor import RayExecutor
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 THREADS = torch.get_num_threads()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_a_restarted_worker_loads_the_lora_and_vae_again(tmp_path):

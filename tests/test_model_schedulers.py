@@ -94,18 +94,6 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "apt_dist", *args], capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    """Fail loudly if anything tries to build a model or encode a prompt."""
-    from apt_dist import models, sampler
-
-    def boom(*a, **k):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    for mod, name in ((models, "Denoiser"), (models, "encode_prompt"), (models, "build_tiny_pipeline"), (sampler, "render")):
-        monkeypatch.setattr(mod, name, boom)
-
-
 UNSUPPORTED = [
     ({"prediction_type": "flow"}, "scheduler config prediction_type='flow' is not supported; supported: epsilon, v_prediction, sample"),
     ({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule='squaredcos_cap_v2' is not supported; supported: scaled_linear, linear"),

@@ -18,7 +18,7 @@ from apt_dist.executor import InProcessExecutor
 from apt_dist.ray_executor import ClusterError, RayExecutor
 from apt_dist.worker import UNetWorker
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
 
 # CPU reductions depend on the intra-op thread count: workers get as many threads as this process has.
 THREADS = torch.get_num_threads()
@@ -41,26 +41,14 @@ class SlowWorker(UNetWorker):
         return importlib.util.find_spec(name) is not None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return render(small_config(), executor=InProcessExecutor(), progress=False)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2, 3])
-def test_bit_identical_to_in_process(workers, reference):
+def test_bit_identical_to_in_process(workers, in_process):
     with RayExecutor(num_workers=workers, cpus_per_worker=THREADS) as ex:
         r = render(small_config(), executor=ex, progress=False)
         summary = ex.summary()
-    assert torch.equal(r.latent, reference.latent)
-    assert r.image.tobytes() == reference.image.tobytes()
+    assert torch.equal(r.latent, in_process.latent)
+    assert r.image.tobytes() == in_process.image.tobytes()
     served = [w["patches"] for w in summary["workers"]]
     assert sum(served) == pytest.approx(r.plan.unet_patch_evals)
     if workers > 1:
@@ -71,17 +59,17 @@ def test_bit_identical_to_in_process(workers, reference):
 
 
 @pytest.mark.slow
-def test_shared_memory_with_ray_calls_is_bit_identical_too(reference):
+def test_shared_memory_with_ray_calls_is_bit_identical_too(in_process):
     """direct_calls=False: the patches still go through /dev/shm, but every call is a Ray call."""
     with RayExecutor(num_workers=2, cpus_per_worker=THREADS, direct_calls=False) as ex:
         r = render(small_config(), executor=ex, progress=False)
         summary = ex.summary()
-    assert r.image.tobytes() == reference.image.tobytes()
+    assert r.image.tobytes() == in_process.image.tobytes()
     assert {(w["transport"], w["calls_via"]) for w in summary["workers"]} == {("shared memory", "ray")}
 
 
 @pytest.mark.slow
-def test_a_worker_that_cannot_serve_a_socket_is_called_through_ray(tmp_path, reference):
+def test_a_worker_that_cannot_serve_a_socket_is_called_through_ray(tmp_path, in_process):
     """An AF_UNIX path over the kernel's limit (a long TMPDIR): that worker's calls go through Ray, same image."""
     long_dir = tmp_path / ("d" * 120)
     long_dir.mkdir()
@@ -89,24 +77,24 @@ def test_a_worker_that_cannot_serve_a_socket_is_called_through_ray(tmp_path, ref
         ex._channel_dir = str(long_dir)
         r = render(small_config(), executor=ex, progress=False)
         summary = ex.summary()
-    assert r.image.tobytes() == reference.image.tobytes()
+    assert r.image.tobytes() == in_process.image.tobytes()
     assert summary["workers"][0]["calls_via"] == "ray" and summary["workers"][0]["transport"] == "shared memory"
     assert any("no direct channel" in e for e in summary["events"]), summary["events"]
 
 
 @pytest.mark.slow
-def test_object_store_transport_is_bit_identical_too(reference):
+def test_object_store_transport_is_bit_identical_too(in_process):
     """shared_memory=False: patches and predictions travel as Ray objects, as to workers on other nodes."""
     with RayExecutor(num_workers=2, cpus_per_worker=THREADS, shared_memory=False) as ex:
         r = render(small_config(), executor=ex, progress=False)
         summary = ex.summary()
-    assert r.image.tobytes() == reference.image.tobytes()
+    assert r.image.tobytes() == in_process.image.tobytes()
     assert {w["transport"] for w in summary["workers"]} == {"object store"}
     assert {w["calls_via"] for w in summary["workers"]} == {"ray"}
 
 
 @pytest.mark.slow
-def test_a_full_dev_shm_falls_back_to_the_object_store(reference):
+def test_a_full_dev_shm_falls_back_to_the_object_store(in_process):
     """If the shared-memory file cannot grow (ENOSPC), the render goes on through Ray objects, same image."""
     with RayExecutor(num_workers=2, cpus_per_worker=THREADS) as ex:
 
@@ -119,7 +107,7 @@ def test_a_full_dev_shm_falls_back_to_the_object_store(reference):
 
         r = render(small_config(), executor=ex, progress=False, callback=fill_dev_shm)
         summary = ex.summary()
-    assert r.image.tobytes() == reference.image.tobytes()
+    assert r.image.tobytes() == in_process.image.tobytes()
     assert any("shared memory failed" in e and "No space" in e for e in summary["events"]), summary["events"]
     assert {w["transport"] for w in summary["workers"]} == {"object store"}
     assert {w["calls_via"] for w in summary["workers"]} == {"ray"}
@@ -143,12 +131,12 @@ def _kill_later(action, delay=0.1):
     return cb
 
 
-def test_ray_kill_of_a_worker_mid_phase(reference, caplog):
+def test_ray_kill_of_a_worker_mid_phase(in_process, caplog):
     caplog.set_level(logging.INFO, logger="apt_dist")
     with RayExecutor(num_workers=2, worker_class=SlowWorker, cpus_per_worker=THREADS) as ex:
         r = render(small_config(), executor=ex, progress=False, callback=_kill_later(lambda: ray.kill(ex.workers[0].handle)))
         events = ex.summary()["events"]
-    assert r.image.tobytes() == reference.image.tobytes()
+    assert r.image.tobytes() == in_process.image.tobytes()
     lost = [e for e in events if "lost during timestep" in e]
     assert lost and "re-queued" in lost[0], events
     # ...and logged as it happened, a warning, each event once
@@ -157,7 +145,7 @@ def test_ray_kill_of_a_worker_mid_phase(reference, caplog):
     assert sorted(m for _, m in logged) == sorted(events)
 
 
-def test_sigkill_of_the_only_worker_restarts_it_and_reruns_its_batch(reference, caplog):
+def test_sigkill_of_the_only_worker_restarts_it_and_reruns_its_batch(in_process, caplog):
     caplog.set_level(logging.INFO, logger="apt_dist")
     with RayExecutor(num_workers=1, worker_class=SlowWorker, max_restarts=1, cpus_per_worker=THREADS) as ex:
         killed = []
@@ -168,7 +156,7 @@ def test_sigkill_of_the_only_worker_restarts_it_and_reruns_its_batch(reference, 
 
         r = render(small_config(), executor=ex, progress=False, callback=_kill_later(sigkill))
         summary = ex.summary()
-    assert r.image.tobytes() == reference.image.tobytes()
+    assert r.image.tobytes() == in_process.image.tobytes()
     assert any("lost during timestep" in e for e in summary["events"]), summary
     assert any("is back" in e for e in summary["events"]), summary
     assert killed and summary["workers"][0]["pid"] != killed[0]
@@ -178,7 +166,7 @@ def test_sigkill_of_the_only_worker_restarts_it_and_reruns_its_batch(reference, 
 
 
 @pytest.mark.parametrize("direct_calls", [True, False])
-def test_a_worker_restarted_between_two_calls_gets_the_context_again(direct_calls, reference):
+def test_a_worker_restarted_between_two_calls_gets_the_context_again(direct_calls, in_process):
     """SIGKILL while idle: Ray restarts the actor before the next call.
 
     Over a channel the next call finds the socket closed: the worker counts as lost, is found
@@ -205,7 +193,7 @@ def test_a_worker_restarted_between_two_calls_gets_the_context_again(direct_call
         r = render(small_config(), executor=ex, progress=False, callback=kill_and_wait_for_restart)
         summary = ex.summary()
     events = summary["events"]
-    assert r.image.tobytes() == reference.image.tobytes()
+    assert r.image.tobytes() == in_process.image.tobytes()
     if direct_calls:
         assert any("lost during timestep" in e and "ChannelClosed" in e for e in events), events
         assert any("is back" in e for e in events), events
@@ -287,11 +275,31 @@ def test_the_driver_blurs_the_dilated_views_while_the_first_calls_run(monkeypatc
 def test_float16_model_travels_in_float16_and_stays_bit_identical():
     """A float16 UNet's inputs and outputs are float16 values: sending them as float16 changes nothing."""
     cfg = small_config(dtype="float16", width=256, height=192)
-    reference = render(cfg, executor=InProcessExecutor(), progress=False)
+    expected = render(cfg, executor=InProcessExecutor(), progress=False)
     with RayExecutor(num_workers=2, cpus_per_worker=THREADS) as ex:
         r = render(cfg, executor=ex, progress=False)
         assert ex._wire_dtype == np.float16
-    assert torch.equal(r.latent, reference.latent)
+    assert torch.equal(r.latent, expected.latent)
+
+
+@pytest.mark.slow
+def test_upscale_of_a_picture_on_two_workers_is_bit_identical_to_in_process(tmp_path):
+    """The picture's encode tiles and the upscaling phases run on the workers: same bits as in-process."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:96, 0:128]
+    rgb = np.stack([128 + 100 * np.sin(x / 13), 128 + 100 * np.cos(y / 9), 60 + 0 * x], -1).astype(np.uint8)
+    Image.fromarray(rgb, "RGB").save(tmp_path / "in.png")
+    cfg = small_config(width=256, height=192, init_image=str(tmp_path / "in.png"), init_strength=0.0,
+                       decode_tile=8, decode_overlap=2)
+    here = render(cfg, executor=InProcessExecutor(), progress=False)
+    with RayExecutor(num_workers=2, cpus_per_worker=THREADS) as ex:
+        r = render(cfg, executor=ex, progress=False)
+        encoded_tiles = ex.stats.encode_tiles
+    assert encoded_tiles == 6  # 3 x 2 tiles of 8 latents over 16 x 12
+    assert torch.equal(r.phase_latents[0], here.phase_latents[0])  # the encoded picture
+    assert torch.equal(r.latent, here.latent)
+    assert r.image.tobytes() == here.image.tobytes()
 
 
 def test_a_step_puts_each_whole_latent_once_and_calls_carry_only_cuts(monkeypatch):

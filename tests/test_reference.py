@@ -23,15 +23,15 @@ ATOL = 2e-4
 # Each dimension the issue names is covered: method, scheduler, square and not, jitter, 2 and 3 phases,
 # guidance halves split or batched, and views per UNet call.
 CASES = {
-    "apt_euler_3phases_nonsquare": dict(),
-    "demofusion_ddim_2phases_square_nojitter_batched": dict(method="demofusion", shortcut_steps=None, scheduler="ddim",
-                                                            width=256, height=256, jitter=False, split_guidance=False,
-                                                            view_batch_size=4),
-    "apt_ddim_3phases_square_views3": dict(scheduler="ddim", width=384, height=384, split_guidance=False,
-                                           view_batch_size=3),
-    "demofusion_euler_2phases_nonsquare_views2": dict(method="demofusion", shortcut_steps=None, width=256, height=192,
-                                                      view_batch_size=2),
-    "apt_euler_global_stats_nojitter": dict(width=256, height=256, jitter=False, sm_stats="global"),
+    "apt_euler_3phases_nonsquare": {},
+    "demofusion_ddim_2phases_square_nojitter_batched": {"method": "demofusion", "shortcut_steps": None, "scheduler": "ddim",
+                                                            "width": 256, "height": 256, "jitter": False, "split_guidance": False,
+                                                            "view_batch_size": 4},
+    "apt_ddim_3phases_square_views3": {"scheduler": "ddim", "width": 384, "height": 384, "split_guidance": False,
+                                           "view_batch_size": 3},
+    "demofusion_euler_2phases_nonsquare_views2": {"method": "demofusion", "shortcut_steps": None, "width": 256, "height": 192,
+                                                      "view_batch_size": 2},
+    "apt_euler_global_stats_nojitter": {"width": 256, "height": 256, "jitter": False, "sm_stats": "global"},
 }
 
 

@@ -16,28 +16,15 @@ import torch
 from helpers import small_config
 
 from apt_dist import cli, render
-from apt_dist.executor import InProcessExecutor
 from apt_dist.ray_executor import RayExecutor
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 THREADS = torch.get_num_threads()
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return render(small_config(), executor=InProcessExecutor(), progress=False)
-
-
-def test_a_stopped_worker_is_given_up_after_the_call_timeout_and_the_image_is_unchanged(reference, caplog):
+def test_a_stopped_worker_is_given_up_after_the_call_timeout_and_the_image_is_unchanged(in_process, caplog):
     """SIGSTOP a worker mid-phase: past --call-timeout its units go to the other worker, it is killed and
     restarted through Ray, the event is logged at once, and the image is bit-identical."""
     timeout = 3.0
@@ -65,8 +52,8 @@ def test_a_stopped_worker_is_given_up_after_the_call_timeout_and_the_image_is_un
                 except ProcessLookupError:
                     pass
     assert stopped
-    assert r.image.tobytes() == reference.image.tobytes()
-    assert torch.equal(r.latent, reference.latent)
+    assert r.image.tobytes() == in_process.image.tobytes()
+    assert torch.equal(r.latent, in_process.latent)
     hung = [rec.getMessage() for rec in caplog.records if "sent no reply" in rec.getMessage()]
     assert len(hung) == 1 and f"pid {stopped[0]}" in hung[0] and "re-queued" in hung[0], hung
     assert any("sent no reply" in e for e in events), events
@@ -79,7 +66,7 @@ def _files_of(pid: int) -> list[str]:
     return (glob.glob(f"/dev/shm/apt-dist-{pid}-*") + glob.glob(os.path.join(tempfile.gettempdir(), f"apt-dist-{pid}-*")))
 
 
-def test_the_next_driver_removes_what_a_killed_driver_left(tmp_path, reference, capsys):
+def test_the_next_driver_removes_what_a_killed_driver_left(tmp_path, in_process, capsys):
     """SIGKILL a driver mid-render (its workers on this node): its /dev/shm file and socket folder stay behind,
     as would a checkpoint temporary file if the kill hit a write. The next driver removes them."""
     ck, out = tmp_path / "render.ckpt", tmp_path / "poster.png"
@@ -112,4 +99,4 @@ def test_the_next_driver_removes_what_a_killed_driver_left(tmp_path, reference, 
     assert not stale_tmp.exists() and live_tmp.exists()
     from PIL import Image
 
-    assert Image.open(out).tobytes() == reference.image.tobytes()
+    assert Image.open(out).tobytes() == in_process.image.tobytes()
