@@ -7,6 +7,11 @@ function of the patch shapes and two config knobs, never by the number of worker
 so every executor runs the very same UNet calls and the image does not depend on
 where they ran. Classifier-free guidance is combined here, on the driver, in
 float32, from the raw predictions of the two branches.
+
+What crosses the boundary per step (`denoise`): the patches, each a cut of one of a few whole
+tensors of the step (`DeferredPatches.source(j)`, `cuts`: the padded scaled latent, the blurred
+one). An executor may use the patches (in-process) or send each whole tensor once and each call
+only its patches' cuts (`RayExecutor`); the values are the same either way.
 """
 
 from __future__ import annotations
@@ -41,13 +46,28 @@ class DeferredPatches(Sequence):
     The executor cuts work units from the shapes alone and sends the calls for the head while
     the tail does not exist yet; a remote executor thus keeps workers busy while the driver
     makes the tail (the sampler's blurred sub-lattices). `seconds`: time spent making it.
+
+    With `sources` and `cuts`, patch i is `source(j)[:, rows, cols]` for `cuts[i] = (j, rows, cols)`:
+    `sources[j]()` makes whole tensor j ([C, H, W], once, on first use), and the tail's patches are
+    cuts of sources that only the tail uses.
     """
 
-    def __init__(self, head: Sequence, tail_shapes: list[tuple[int, ...]], make_tail):
+    def __init__(self, head: Sequence, tail_shapes: list[tuple[int, ...]], make_tail, sources=None, cuts=None):
         self.head, self.make_tail = head, make_tail
         self.shapes = patch_shapes(head) + [tuple(sh) for sh in tail_shapes]
         self.tail: list[torch.Tensor] | None = None
         self.seconds = 0.0
+        self.sources = list(sources or [])
+        self.cuts: list[tuple[int, slice, slice]] | None = list(cuts) if cuts is not None else None
+        self._made: dict[int, torch.Tensor] = {}
+
+    def source(self, j: int) -> torch.Tensor:
+        """Whole tensor j, made on first use (timed in `seconds`, as the tail)."""
+        if j not in self._made:
+            t0 = time.perf_counter()
+            self._made[j] = self.sources[j]()
+            self.seconds += time.perf_counter() - t0
+        return self._made[j]
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -230,14 +250,16 @@ class Executor(ABC):
     def denoise(self, timestep: int, view_sets: list) -> None:
         """Predict every view of every set, handing each set its predictions as they come (`take`).
 
-        A view set (fusion.LocalViews, fusion.DilatedViews) has `shapes`, `crops`, `inputs()` and
-        `take(indices, eps)`. The first set's inputs are made now; the others' when a call first needs
+        A view set (fusion.LocalViews, fusion.DilatedViews) has `shapes`, `crops`, `inputs()`,
+        `take(indices, eps)`, and `source()` and `cuts` (every input is a cut of that one tensor). The first set's inputs are made now; the others' when a call first needs
         them, so a remote executor's first calls are out while the driver makes them (the blur).
         Predictions reach `take` in any order and grouping, overlapping the calls still running.
         """
         first, rest = view_sets[0], view_sets[1:]
         tail_shapes = [sh for vs in rest for sh in vs.shapes]
-        patches = DeferredPatches(first.inputs(), tail_shapes, lambda: [p for vs in rest for p in vs.inputs()])
+        patches = DeferredPatches(first.inputs(), tail_shapes, lambda: [p for vs in rest for p in vs.inputs()],
+                                  sources=[vs.source for vs in view_sets],
+                                  cuts=[(j, ys, xs) for j, vs in enumerate(view_sets) for ys, xs in vs.cuts])
         owner = [(vs, k) for vs in view_sets for k in range(len(vs.shapes))]
 
         def take(ps: list[int], eps: torch.Tensor) -> None:

@@ -7,6 +7,10 @@ scheduler step of those views), and gives its stepped latent when all are in (`r
   LocalViews    jittered n x n windows of the zero-padded x, averaged where they overlap
   DilatedViews  the d x d sub-lattices x[a::d, b::d]; the UNet sees the blurred ones
 
+Every view the UNet sees is a cut of one whole tensor of the step (`source()`, [C, H, W]: the
+zero-padded scaled latent, the blurred one) by `cuts` ((rows, cols) slices, one per view), so a
+remote executor can send that tensor once per step and each call only its views' cuts.
+
 The executor (`Executor.denoise`) hands predictions over in any order and grouping, while
 other UNet calls still run; every operation here is elementwise or summed in a fixed
 order, so the result does not depend on that order.
@@ -70,11 +74,16 @@ class LocalViews:
         self.views = WindowViews(padded, windows)
         self.model_views = WindowViews(S.scale_model_input(sched, padded, i), windows)
         self.shapes = self.views.shapes
+        self.cuts = [win.slices() for win in windows]
         self.crops = [crop_pixels(win, pad, vae_scale) for win in windows]
         self.average = WindowAverage(x.shape[1], *padded.shape[-2:], windows)
 
     def inputs(self) -> WindowViews:
         return self.model_views  # views, each made on first use
+
+    def source(self) -> torch.Tensor:
+        """The scaled padded latent [C, H+2p, W+2p] that every input is a cut of."""
+        return self.model_views.x
 
     def take(self, ks: list[int], eps: torch.Tensor) -> None:
         stepped = S.step(self.sched, batch([self.views[k] for k in ks]), eps, self.i)
@@ -99,14 +108,22 @@ class DilatedViews:
         h, w = x.shape[-2:]
         self.shapes = [(x.shape[1], len(range(a, h, d)), len(range(b, w, d))) for a, b in self.offsets]
         self.crops = [(0, 0)] * len(self.offsets)
+        self.cuts = [(slice(a, None, d), slice(b, None, d)) for a, b in self.offsets]
         self.out = torch.empty_like(x)
+        self._source: torch.Tensor | None = None
+
+    def source(self) -> torch.Tensor:
+        """The scaled blurred latent [C, H, W] that every input is a cut of; made when first needed, so a
+        remote executor has the local windows' calls out while this blurs."""
+        if self._source is None:
+            x = self.x
+            blurred = standardize_to(gaussian_blur(x, 2 * self.d - 1, self.sigma), x.mean(), x.std())
+            self._source = S.scale_model_input(self.sched, blurred, self.i)[0]
+        return self._source
 
     def inputs(self) -> list[torch.Tensor]:
-        """Made when first needed: a remote executor has the local windows' calls out while this blurs."""
-        x, d = self.x, self.d
-        blurred = standardize_to(gaussian_blur(x, 2 * d - 1, self.sigma), x.mean(), x.std())
-        model_in = S.scale_model_input(self.sched, blurred, self.i)
-        return [model_in[0, :, a::d, b::d] for a, b in self.offsets]
+        src = self.source()
+        return [src[:, ys, xs] for ys, xs in self.cuts]
 
     def take(self, ks: list[int], eps: torch.Tensor) -> None:
         d = self.d

@@ -16,8 +16,13 @@ fusion); workers only answer work units. Per timestep:
 
 What travels: to workers on the driver's node, patches and predictions go through one
 reused shared-memory file (`shared_memory.py`) and a call carries only offsets, over a Unix
-socket (`channel.py`) instead of a Ray call; to workers on other nodes, each Ray call
-carries its own patches as numpy arrays (Ray objects). Never the whole latent.
+socket (`channel.py`) instead of a Ray call; to workers on other nodes, the step's whole
+tensors that its patches are cuts of (the zero-padded scaled latent, the blurred one; see
+`executor.DeferredPatches`) go into the object store once per step, each when a call first
+needs it, and every Ray call passes them by reference with only its patches' cuts (slices): Ray
+moves each object to a node once, and the workers there read it from the node's store. Only
+patches that are no cut of such a tensor (phase 1's) travel in the call, as numpy arrays.
+Predictions come back as numpy arrays (zero-copy on the driver).
 
 All workers are reserved up front in a placement group; if the cluster cannot provide
 them within `placement_timeout_s`, `start` fails before any work, saying what was
@@ -47,7 +52,7 @@ import torch
 
 from . import channel, shared_memory
 from .executor import DeferredPatches, Executor, RenderContext, WorkUnit, patch_shapes
-from .worker import ContextMissing, UNetWorker
+from .worker import ContextMissing, Cuts, UNetWorker
 
 # A call with no reply for this long (at least) counts as hung; see RayExecutor's call_timeout_s.
 CALL_TIMEOUT_FLOOR_S = 60.0
@@ -147,6 +152,8 @@ class RayExecutor(Executor):
     (False: Ray objects for every worker).
     direct_calls: call those workers over a Unix socket rather than through Ray
     (False: every call is a Ray call).
+    worker_resources: custom Ray resources each worker's bundle asks for too ({"gpu_node": 1}: only on
+    nodes started with that resource), to keep workers on (or off) chosen nodes.
     worker_class, worker_kwargs: the actor class, a `UNetWorker` subclass, built as
     `worker_class(spec, cpu_threads=..., **worker_kwargs)` on each worker: the one seam for
     stand-in workers (the benchmarks' simulated UNet, fault-injection tests). A class defined
@@ -167,6 +174,7 @@ class RayExecutor(Executor):
         call_timeout_s: float | None = None,
         shared_memory: bool = True,
         direct_calls: bool = True,
+        worker_resources: dict | None = None,
         worker_class: type[UNetWorker] = UNetWorker,
         worker_kwargs: dict | None = None,
         ray_init_kwargs: dict | None = None,
@@ -190,6 +198,7 @@ class RayExecutor(Executor):
         self.direct_calls = direct_calls
         if not (isinstance(worker_class, type) and issubclass(worker_class, UNetWorker)):
             raise TypeError(f"worker_class must be UNetWorker or a subclass, got {worker_class!r}")
+        self.worker_resources = dict(worker_resources or {})
         self.worker_class = worker_class
         self.worker_kwargs = dict(worker_kwargs or {})
         self.ray_init_kwargs = ray_init_kwargs or {}
@@ -283,7 +292,7 @@ class RayExecutor(Executor):
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         gpus = self._gpus()
-        bundle = {"CPU": self.cpus_per_worker} | ({"GPU": gpus} if gpus > 0 else {})
+        bundle = {"CPU": self.cpus_per_worker} | ({"GPU": gpus} if gpus > 0 else {}) | self.worker_resources
         if self._local_instance:  # no autoscaler will add what is missing: say so now, not after the timeout
             total = ray.cluster_resources()
             fixes = {"CPU": "fewer CPUs per worker (fractions are allowed)",
@@ -292,7 +301,7 @@ class RayExecutor(Executor):
             for k, v in bundle.items():
                 if self.num_workers * v > total.get(k, 0) + 1e-9:
                     short.append(f"{self.num_workers} x {v:g} = {self.num_workers * v:g} {k} (this machine has {total.get(k, 0):g})")
-                    hints.append(fixes[k])
+                    hints.append(fixes.get(k, f"no {k} per worker (worker_resources)"))
             if self.placement_strategy == "STRICT_SPREAD" and self.num_workers > 1:
                 short.append("a node per worker (STRICT_SPREAD), and a local Ray instance is one node")
                 hints.append("another placement strategy")
@@ -413,10 +422,10 @@ class RayExecutor(Executor):
         staging = self._staging(units, patches)
 
         def submit(w, idx):
-            messages = [staging.message(k, crops, w.shared) for k in idx]
+            messages, sources = staging.call(idx, crops, w.shared)
             if self._direct(w):
                 return w.channel.call(timestep, messages)
-            return w.handle.predict.remote(timestep, messages)
+            return w.handle.predict.remote(timestep, messages, *sources)
 
         def receive(idx, outs):
             deliver(idx, [staging.output(k) if o is None else _as_tensor(o) for k, o in zip(idx, outs)])
@@ -741,6 +750,8 @@ class _Staging:
         self.shapes = patch_shapes(patches)  # known before deferred patches are made
         self.torch_dtype = torch.float16 if self.dtype == np.float16 else torch.float32
         self.written = [False] * len(self.shapes)
+        self.cuts = getattr(patches, "cuts", None)  # patch i = source(j)[:, rows, cols]: send each source once
+        self.source_refs: dict[int, object] = {}
         if buf is None:
             return
         self.in_off, self.out_off, size = _layout(tuple(self.shapes), tuple(units), self.dtype.str)
@@ -754,6 +765,8 @@ class _Staging:
         unit_crops = [crops[p] for p in uniq]
         shape = (len(uniq),) + self.shapes[uniq[0]]
         if not (shared and self.buf is not None):
+            if self.cuts is not None:
+                return Cuts(tuple(self.cuts[p] for p in uniq)), rows, unit_crops, None
             x = torch.stack([self.patches[p] for p in uniq]).to(self.torch_dtype).numpy()
             return x, rows, unit_crops, None
         for p in uniq:
@@ -763,6 +776,29 @@ class _Staging:
                 self.written[p] = True
         path = self.buf.path
         return (path, self.in_off[uniq[0]], shape, self.dtype.str), rows, unit_crops, (path, self.out_off[k])
+
+    def call(self, idx: list[int], crops, shared: bool) -> tuple[list, list]:
+        """A call's messages and the Ray objects it passes (its units' sources, each put once per step)."""
+        messages, refs, arg = [], [], {}
+        for k in idx:
+            x, rows, unit_crops, out = self.message(k, crops, shared)
+            if isinstance(x, Cuts):  # source index of the step -> position among the call's arguments
+                for j, _, _ in x.cuts:
+                    if j not in arg:
+                        arg[j] = len(refs)
+                        refs.append(self.source_ref(j))
+                x = Cuts(tuple((arg[j], rows_, cols) for j, rows_, cols in x.cuts))
+            messages.append((x, rows, unit_crops, out))
+        return messages, refs
+
+    def source_ref(self, j: int):
+        """Whole tensor j of the step in the object store, put on first use: every worker's node fetches it once."""
+        import ray
+
+        if j not in self.source_refs:
+            src = self.patches.source(j).to(self.torch_dtype)
+            self.source_refs[j] = ray.put(np.ascontiguousarray(src.numpy()))
+        return self.source_refs[j]
 
     def output(self, k: int) -> torch.Tensor:
         unit = self.units[k]

@@ -3,8 +3,9 @@
 A small class on purpose. What travels: per call, for each work unit, its unique patches
 plus their rows (patch, guidance branch) and crops. On the driver's node the patches and
 the outputs live in the driver's shared-memory file and the call carries their offsets;
-elsewhere the patches come as numpy arrays and the outputs go back as numpy arrays
-(Ray returns those zero-copy). The driver on the worker's node calls predict over a Unix
+elsewhere the patches come as cuts (slices) of the step's whole tensors, which the call passes
+as Ray object references (fetched once per node and step), or as numpy arrays, and the outputs
+go back as numpy arrays (Ray returns those zero-copy). The driver on the worker's node calls predict over a Unix
 socket (`open_channel`, `channel.py`) rather than through Ray, whose calls cost about a
 millisecond each. The render's prompt embeddings travel once per worker and render, in
 `set_context` (again after a restart), not with every call.
@@ -20,10 +21,18 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from .shared_memory import SharedViews
+
+
+@dataclass(frozen=True)
+class Cuts:
+    """A unit's patches as cuts of tensors the call passes: `sources[arg][:, rows, cols]` for each (arg, rows, cols)."""
+
+    cuts: tuple[tuple[int, slice, slice], ...]
 
 
 class ContextMissing(RuntimeError):
@@ -94,23 +103,28 @@ class UNetWorker:
             return f"{type(e).__name__}: {e}"
         return None
 
-    def _array(self, ref) -> np.ndarray:
-        """A unit's inputs: a numpy array, or (path, offset, shape, dtype) in the driver's shared memory."""
+    def _array(self, ref, sources: tuple) -> np.ndarray:
+        """A unit's inputs: a numpy array, cuts of the call's sources, or (path, offset, shape, dtype) in the
+        driver's shared memory."""
         if isinstance(ref, np.ndarray):
             return ref
+        if isinstance(ref, Cuts):
+            return np.stack([sources[arg][:, rows, cols] for arg, rows, cols in ref.cuts])
         path, offset, shape, dtype = ref
         return self._shared.array(path, offset, shape, dtype)
 
-    def predict(self, timestep: int, units: list[tuple]):
+    def predict(self, timestep: int, units: list[tuple], *sources: np.ndarray):
         """Run each (patches [k,C,h,w], rows [(local_patch, branch)], crops [k], out) as one UNet call.
 
-        `out` None: the output [rows,C,h,w] is returned; else (path, offset): it is written there
-        and None is returned in its place. Returns ([outputs], busy seconds).
+        The patches may be `Cuts` of `sources` (whole [C, H, W] tensors of the step, which Ray
+        passes from the object store of this node). `out` None: the output [rows,C,h,w] is
+        returned; else (path, offset): it is written there and None is returned in its place.
+        Returns ([outputs], busy seconds).
         """
         t0 = time.perf_counter()
         outs = []
         for x_ref, rows, crops, out_ref in units:
-            y = self.predict_unit(timestep, self._array(x_ref), rows, crops)
+            y = self.predict_unit(timestep, self._array(x_ref, sources), rows, crops)
             if out_ref is None:
                 outs.append(y)
             else:

@@ -149,9 +149,9 @@ class SimulatedWorker(UNetWorker):
     def load(self, spec, cpu_threads):
         return None
 
-    def predict(self, timestep, units):
+    def predict(self, timestep, units, *sources):
         self._deadline = time.perf_counter()
-        outs, busy = super().predict(timestep, units)
+        outs, busy = super().predict(timestep, units, *sources)
         if self.extra_delay_s:
             time.sleep(self.extra_delay_s)
         return outs, busy

@@ -3,7 +3,8 @@
   shm + socket     patches and predictions through the driver's /dev/shm file, calls (offsets) over a
                    Unix socket per worker: the default for workers on the driver's node
   shm + Ray calls  the same file, every call a Ray actor call (direct_calls=False)
-  object store     every call's patches and replies as Ray objects (what workers on other nodes use)
+  object store     plain Ray calls and objects (what workers on other nodes use): the step's latents once per
+                   step, each call its patches' cuts; the replies as Ray objects
 
 The same actors render every way, rotating which goes first, so a noisy machine
 disturbs all alike. Usage:

@@ -180,10 +180,17 @@ class _RecordingViews:
     def __init__(self, shapes, value: float, log: list):
         self.shapes, self.crops, self.value, self.log = shapes, [(0, 0)] * len(shapes), value, log
         self.taken: dict[int, torch.Tensor] = {}
+        _, h, w = shapes[0]
+        self.cuts = [(slice(0, h), slice(k * w, (k + 1) * w)) for k in range(len(shapes))]  # side by side
+
+    def source(self):
+        self.log.append(("inputs", self.value))
+        c, h, w = self.shapes[0]
+        return torch.full((c, h, w * len(self.shapes)), self.value)
 
     def inputs(self):
-        self.log.append(("inputs", self.value))
-        return [torch.full(sh, self.value) for sh in self.shapes]
+        src = self.source()
+        return [src[:, ys, xs] for ys, xs in self.cuts]
 
     def take(self, ks, eps):
         self.log.append(("take", self.value, list(ks)))
@@ -220,3 +227,45 @@ def test_guide_is_classifier_free_guidance_in_float32():
         assert got.dtype == torch.float32
         uu, cc = u.half().double(), c.half().double()
         torch.testing.assert_close(got.double(), uu + scale * (cc - uu), rtol=1e-6, atol=1e-6)
+
+
+def _step_views():
+    from apt_dist import schedules as S
+    from apt_dist.fusion import DilatedViews, LocalViews
+    from apt_dist.geometry import local_windows
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 24, 20, generator=g)
+    sched = S.make_schedule("euler", 10)
+    windows = local_windows(24, 20, 16, 8, generator=g)
+    return LocalViews(x, windows, 2, sched, 4, 8), DilatedViews(x, 2, 1.0, sched, 4)
+
+
+def test_every_view_the_unet_sees_is_its_cut_of_the_view_sets_source():
+    """What a remote executor sends once per step (source) and per call (cuts) gives exactly the inputs."""
+    for vs in _step_views():
+        src, inputs = vs.source(), vs.inputs()
+        assert src.dim() == 3 and len(vs.cuts) == len(inputs) == len(vs.shapes)
+        for (ys, xs), view, shape in zip(vs.cuts, inputs, vs.shapes):
+            assert tuple(view.shape) == shape
+            assert torch.equal(src[:, ys, xs], view)
+
+
+def test_denoise_hands_the_executor_patches_that_are_cuts_of_the_step_sources():
+    from apt_dist.executor import InProcessExecutor, RenderContext
+
+    seen = {}
+
+    class Check(InProcessExecutor):
+        def _run_units(self, timestep, units, patches, crops, deliver):
+            seen["cuts"] = [(j, ys, xs) for j, ys, xs in patches.cuts]
+            seen["equal"] = [torch.equal(patches.source(j)[:, ys, xs], patches[i]) for i, (j, ys, xs) in enumerate(patches.cuts)]
+            for k, unit in enumerate(units):
+                deliver([k], [torch.stack([patches[p] for p, _ in unit.rows])])
+
+    ex = Check(denoiser=object())
+    ex.context = RenderContext(model=None, embeds=None, original_size=(64, 64), guidance_scale=3.0)
+    local, dilated = _step_views()
+    ex.denoise(5, [local, dilated])
+    assert [j for j, _, _ in seen["cuts"]] == [0] * len(local.shapes) + [1] * len(dilated.shapes)
+    assert len(seen["equal"]) == len(local.shapes) + len(dilated.shapes) and all(seen["equal"])

@@ -31,8 +31,8 @@ class SlowWorker(UNetWorker):
     Defined in this test module, which Ray's workers cannot import: RayExecutor sends the class by value.
     """
 
-    def predict(self, timestep, units):
-        out = super().predict(timestep, units)
+    def predict(self, timestep, units, *sources):
+        out = super().predict(timestep, units, *sources)
         time.sleep(0.15)
         return out
 
@@ -260,13 +260,14 @@ def test_the_driver_blurs_the_dilated_views_while_the_first_calls_run(monkeypatc
     import apt_dist.fusion
 
     made = []
-    inputs = apt_dist.fusion.DilatedViews.inputs
+    source = apt_dist.fusion.DilatedViews.source
 
-    def spy_inputs(self):
-        made.append(sum(w.in_flight > 0 for w in ex.workers))  # workers with calls out
-        return inputs(self)
+    def spy_source(self):
+        if self._source is None:  # the blur runs now
+            made.append(sum(w.in_flight > 0 for w in ex.workers))  # workers with calls out
+        return source(self)
 
-    monkeypatch.setattr(apt_dist.fusion.DilatedViews, "inputs", spy_inputs)
+    monkeypatch.setattr(apt_dist.fusion.DilatedViews, "source", spy_source)
     # One patch a call, halves apart: a step of many units (auto units on CPU put a step in two calls).
     cfg = small_config(model="sdxl-random", width=2048, height=2048, steps=4, shortcut_steps=2, view_batch_size=1,
                        split_guidance=True)
@@ -306,3 +307,38 @@ def test_upscale_of_a_picture_on_two_workers_is_bit_identical_to_in_process(tmp_
     assert torch.equal(r.phase_latents[0], here.phase_latents[0])  # the encoded picture
     assert torch.equal(r.latent, here.latent)
     assert r.image.tobytes() == here.image.tobytes()
+
+
+def test_a_step_puts_each_whole_latent_once_and_calls_carry_only_cuts(monkeypatch):
+    """Every Ray call of a step passes the same object per source (one ray.put each); the worker's cuts of it are
+    exactly the patches, converted to the wire dtype."""
+    from apt_dist import schedules as S
+    from apt_dist.executor import DeferredPatches, make_units
+    from apt_dist.fusion import DilatedViews, LocalViews
+    from apt_dist.geometry import local_windows
+    from apt_dist.ray_executor import _Staging
+    from apt_dist.worker import Cuts
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 24, 20, generator=g)
+    sched = S.make_schedule("euler", 10)
+    sets = [LocalViews(x, local_windows(24, 20, 16, 8, generator=g), 2, sched, 4, 8), DilatedViews(x, 2, 1.0, sched, 4)]
+    patches = DeferredPatches(sets[0].inputs(), [sh for sh in sets[1].shapes], lambda: sets[1].inputs(),
+                              sources=[vs.source for vs in sets],
+                              cuts=[(j, ys, xs) for j, vs in enumerate(sets) for ys, xs in vs.cuts])
+    units = make_units(patches.shapes, 2, False)
+    puts = []
+    real_put = ray.put
+    monkeypatch.setattr(ray, "put", lambda value: puts.append(value.shape) or real_put(value))
+    staging = _Staging(units, patches, np.float16, None)
+    crops = [(0, 0)] * len(patches)
+    worker = UNetWorker.__new__(UNetWorker)  # only its _array: no model
+    calls = [staging.call([k], crops, shared=False) for k in range(len(units))]
+    assert puts == [(4, 28, 24), (4, 24, 20)]  # the padded scaled latent, the blurred one: once each
+    for k, (messages, refs) in enumerate(calls):
+        (x_ref, _, _, out), = messages
+        assert isinstance(x_ref, Cuts) and out is None
+        got = worker._array(x_ref, tuple(ray.get(refs)))
+        want = torch.stack([patches[p] for p in units[k].patches]).to(torch.float16).numpy()
+        assert got.dtype == np.float16 and np.array_equal(got, want)
+    assert all(r in staging.source_refs.values() for _, refs in calls for r in refs)
