@@ -226,13 +226,16 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             # No address: join the cluster of a Ray job (RAY_ADDRESS is set there), else start a local instance.
             address = self.address or (None if os.environ.get("RAY_ADDRESS") else "local")
-            if address == "auto":  # resolved here, so ray.init never falls back to another user's cluster
-                address, source = resolve_auto_address(self.ray_init_kwargs.get("_temp_dir"))
-                if not address:
+            target = address
+            if address == "auto":  # checked here, so ray.init never falls back to another user's cluster
+                target, source = resolve_auto_address(self.ray_init_kwargs.get("_temp_dir"))
+                if not target:
                     raise ClusterError(f"address 'auto': found no Ray cluster ({source})")
-            problem = address_problem(address)
+            problem = address_problem(target)
             if problem:
-                raise ClusterError(f"address {address!r}: {problem}")
+                raise ClusterError(f"address {target!r}: {problem}")
+            # "auto" itself goes to ray.init, which reads the same address file: given the resolved HOST:PORT
+            # instead, a driver started by `ray submit` on a token-auth head was refused (tests/test_launcher.py).
             kw = {"log_to_driver": False} | ({"include_dashboard": False} if address == "local" else {})
             try:
                 ray.init(address=address, **(kw | self.ray_init_kwargs))
