@@ -756,6 +756,21 @@ def compile_unet(unet: torch.nn.Module):
     return torch.compile(unet, dynamic=False, fullgraph=False)
 
 
+def _downsampled_whole(x: torch.Tensor, max_side: int, what: str, shape: str) -> torch.Tensor:
+    """One whole image [1, C, H, W], area-averaged down so that its long side is at most `max_side` (as it is when
+    it already is): the input of a GroupNorm-statistics pass, whose memory is then bounded whatever the image."""
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"{what} must be one whole image {shape}, got shape {tuple(x.shape)}")
+    if int(max_side) < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    h, w = x.shape[-2:]
+    if max(h, w) <= max_side:
+        return x
+    f = max_side / max(h, w)
+    size = (max(1, min(max_side, round(h * f))), max(1, min(max_side, round(w * f))))
+    return torch.nn.functional.interpolate(x, size=size, mode="area")
+
+
 class Denoiser:
     """One UNet replica (spec device/dtype) plus the VAE (spec device, spec vae_dtype): what a worker holds.
 
@@ -888,16 +903,7 @@ class Denoiser:
         is bounded by `max_side`, not by the image.  Returns {GroupNorm name inside the VAE: (mean [G], var [G])},
         CPU float32, biased variance like GroupNorm's; small and picklable.  Pass it to :meth:`decode`.
         """
-        if latents.ndim != 4 or latents.shape[0] != 1:
-            raise ValueError(f"latents must be one whole image [1, C, h, w], got shape {tuple(latents.shape)}")
-        if int(max_side) < 1:
-            raise ValueError(f"max_side must be >= 1, got {max_side}")
-        h, w = latents.shape[-2:]
-        z = latents.to(device=self.device, dtype=torch.float32)
-        if max(h, w) > max_side:
-            f = max_side / max(h, w)
-            size = (max(1, min(max_side, round(h * f))), max(1, min(max_side, round(w * f))))
-            z = torch.nn.functional.interpolate(z, size=size, mode="area")
+        z = _downsampled_whole(latents.to(device=self.device, dtype=torch.float32), max_side, "latents", "[1, C, h, w]")
         stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with _recording_group_norm_stats(_decoder_group_norms(self.vae), stats):
             self.vae.decode(self._vae_input(z), return_dict=False)
@@ -925,16 +931,7 @@ class Denoiser:
         images: float32 [1, 3, H, W] in [-1, 1], the whole image; it is encoded once, downsampled (area average)
         so that its long side is at most `max_side` pixels. Pass the result to :meth:`encode`.
         """
-        if images.ndim != 4 or images.shape[0] != 1:
-            raise ValueError(f"images must be one whole image [1, 3, H, W], got shape {tuple(images.shape)}")
-        if int(max_side) < 1:
-            raise ValueError(f"max_side must be >= 1, got {max_side}")
-        h, w = images.shape[-2:]
-        x = images.to(device=self.device, dtype=torch.float32)
-        if max(h, w) > max_side:
-            f = max_side / max(h, w)
-            size = (max(1, min(max_side, round(h * f))), max(1, min(max_side, round(w * f))))
-            x = torch.nn.functional.interpolate(x, size=size, mode="area")
+        x = _downsampled_whole(images.to(device=self.device, dtype=torch.float32), max_side, "images", "[1, 3, H, W]")
         stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with _recording_group_norm_stats(_encoder_group_norms(self.vae), stats):
             self.vae.encode(x.to(self.vae_dtype))
