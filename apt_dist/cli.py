@@ -471,9 +471,8 @@ def _print_workers(summary: dict) -> None:
 
 
 def _plan(config: RenderConfig, ns) -> int:
-    from .planning import plan
-
     from .loading import check_source, model_source
+    from .planning import plan
 
     check_source(model_source(config))
     p = plan(config)

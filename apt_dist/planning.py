@@ -219,10 +219,9 @@ def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.S
 def plan(config: RenderConfig) -> Plan:
     """The plan of `config`: reads the model's configuration only, loads no weights. With config.gpu_memory, for CUDA
     workers of that memory."""
+    from .devices import gpu_workers
     from .loading import model_source
     from .models import model_info
-
-    from .devices import gpu_workers
 
     config.validate()
     info = model_info(model_source(config))

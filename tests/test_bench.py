@@ -6,9 +6,8 @@ No timing assertions: the numbers depend on the machine and its load.
 
 import json
 
-import pytest
-
 import bench  # benchmarks/bench.py (conftest puts benchmarks/ on sys.path)
+import pytest
 from bench import main
 
 from apt_dist import plan

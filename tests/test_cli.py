@@ -10,7 +10,6 @@ from PIL import Image
 
 from apt_dist import cli
 
-
 BAD = [
     (["--width", "100"], "--width"),
     (["--height", "0"], "--height"),

@@ -154,7 +154,7 @@ def test_readme_job_command_parses_with_the_cli():
     from apt_dist.cli import build_parser
 
     text = (ROOT / "cluster" / "README.md").read_text()
-    blocks = [b.replace("\\\n", " ") for b in re.findall(r"python -m apt_dist render (.*?)\nray rsync-down", text, re.S)]
+    blocks = [b.replace("\\\n", " ") for b in re.findall(r"python -m apt_dist render (.*?)\nray rsync-down", text, re.DOTALL)]
     parsed = [build_parser().parse_args(["render", *shlex.split(b)]) for b in blocks]
     assert len(parsed) == 2  # local-ssh.yaml's and aws-gpu.yaml's
     assert [(ns.workers, ns.view_batch_size, ns.driver_threads) for ns in parsed if ns.workers == 16] == [(16, 4, 4)]

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from ldm_layout import pipeline_to_ldm
 from safetensors.torch import save_file
 
 from apt_dist.loading import clip_bpe, sdxl_config_folder, write_sdxl_config_folder
@@ -19,8 +20,6 @@ from apt_dist.models import (
     encode_prompt,
     model_info,
 )
-
-from ldm_layout import pipeline_to_ldm
 
 TINY = ModelSpec("tiny", "float32", "cpu")
 
@@ -105,9 +104,7 @@ def make_tiny_lora(folder, seed=0, rank=4, unet_targets=("to_q", "to_k", "to_v",
     """A LoRA for the tiny model made in code: peft adapters on the UNet's attention projections and on the first
     text encoder's, with random non-zero lora_B (peft starts it at zero), saved the diffusers way."""
     from diffusers import StableDiffusionXLPipeline
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    from peft import inject_adapter_in_model
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
     src = build_tiny_pipeline()
     unet, te = copy.deepcopy(src.unet), copy.deepcopy(src.text_encoder)
@@ -187,7 +184,6 @@ def test_lora_is_part_of_the_renders_identity(tiny_lora, tmp_path):
 
 def test_separate_vae_folder_and_single_file_replace_the_models_vae(tmp_path):
     from diffusers import AutoencoderKL
-
     from ldm_layout import vae_to_ldm
 
     vae = AutoencoderKL(**_tiny_vae_config())  # other random weights than the tiny model's VAE

@@ -95,7 +95,7 @@ def test_scheduler_auto_follows_the_model_s_class_and_refuses_others():
 
 def test_apt_dist_plan_is_the_function_even_after_the_sampler_is_imported():
     import apt_dist
-    import apt_dist.sampler  # noqa: F401  (imports the planning module)
+    import apt_dist.sampler
     from apt_dist import Plan, plan
 
     assert callable(plan) and apt_dist.plan is plan

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FENCE = re.compile(r"((?:<!-- readme-test: .*? -->\n)*)```(\w*)\n(.*?)```", re.S)
+FENCE = re.compile(r"((?:<!-- readme-test: .*? -->\n)*)```(\w*)\n(.*?)```", re.DOTALL)
 MARK = re.compile(r"<!-- readme-test: (.*?) -->")
 
 

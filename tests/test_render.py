@@ -107,7 +107,7 @@ class NaNExecutor(InProcessExecutor):
         self.calls += 1
         if self.calls == self.at:  # poison patch 0's prediction on its way to the sampler
             inner = then or (lambda ks, eps: list(eps))
-            then = lambda ks, eps: inner(ks, eps * float("nan") if 0 in ks else eps)  # noqa: E731
+            then = lambda ks, eps: inner(ks, eps * float("nan") if 0 in ks else eps)
         return super().predict(timestep, patches, crops, then)
 
 
