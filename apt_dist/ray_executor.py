@@ -452,35 +452,33 @@ class RayExecutor(Executor):
             return _Staging(units, patches, self._wire_dtype, None)
 
     def _decode(self, tiles, norm_stats):
-        import ray
-
-        arrays = [t.numpy() for t in tiles]
-        results: list = [None] * len(arrays)
-        stats_ref = ray.put(norm_stats)  # one copy in the object store, shared by every decode call
-        self._dispatch(len(arrays), lambda w, idx: w.handle.decode.remote([arrays[i] for i in idx], stats_ref),
-                       _store(results), weights=[0] * len(arrays), what="decode")
-        return [_as_tensor(o) for o in results]
+        return self._tiles_on_workers("decode", tiles, norm_stats)
 
     def _norm_stats(self, latent, max_side):
-        results: list = [None]
-        self._dispatch(1, lambda w, idx: w.handle.group_norm_stats.remote([latent.numpy()], max_side),
-                       _store(results), weights=[0], what="decode statistics")
-        return results[0]
+        return self._stats_on_workers("group_norm_stats", latent, max_side, "decode statistics")
 
     def _encode(self, tiles, norm_stats):
+        return self._tiles_on_workers("encode", tiles, norm_stats)
+
+    def _encoder_norm_stats(self, image, max_side):
+        return self._stats_on_workers("encoder_group_norm_stats", image, max_side, "encode statistics")
+
+    def _tiles_on_workers(self, method: str, tiles, norm_stats) -> list[torch.Tensor]:
+        """VAE tiles (`method`: the worker's decode or encode), shared out over the workers."""
         import ray
 
         arrays = [t.numpy() for t in tiles]
         results: list = [None] * len(arrays)
-        stats_ref = ray.put(norm_stats)
-        self._dispatch(len(arrays), lambda w, idx: w.handle.encode.remote([arrays[i] for i in idx], stats_ref),
-                       _store(results), weights=[0] * len(arrays), what="encode")
+        stats_ref = ray.put(norm_stats)  # one copy in the object store, shared by every call
+        self._dispatch(len(arrays), lambda w, idx: getattr(w.handle, method).remote([arrays[i] for i in idx], stats_ref),
+                       _store(results), weights=[0] * len(arrays), what=method)
         return [_as_tensor(o) for o in results]
 
-    def _encoder_norm_stats(self, image, max_side):
+    def _stats_on_workers(self, method: str, whole: torch.Tensor, max_side: int, what: str) -> dict:
+        """The VAE's GroupNorm statistics of a whole image (`method` on one worker)."""
         results: list = [None]
-        self._dispatch(1, lambda w, idx: w.handle.encoder_group_norm_stats.remote([image.numpy()], max_side),
-                       _store(results), weights=[0], what="encode statistics")
+        self._dispatch(1, lambda w, idx: getattr(w.handle, method).remote([whole.numpy()], max_side),
+                       _store(results), weights=[0], what=what)
         return results[0]
 
     def _dispatch(self, n: int, submit, receive, weights: list[float], what: str, ready=None) -> None:

@@ -148,12 +148,7 @@ class UNetWorker:
         return out.numpy().astype(x.dtype, copy=False)
 
     def decode(self, tiles: list[np.ndarray], norm_stats: dict | None):
-        t0 = time.perf_counter()
-        import torch
-
-        outs = [self.denoiser.decode(torch.from_numpy(np.ascontiguousarray(t))[None], norm_stats=norm_stats)[0].numpy()
-                for t in tiles]
-        return outs, time.perf_counter() - t0
+        return _per_tile(self.denoiser.decode, tiles, norm_stats)
 
     def group_norm_stats(self, latents: list[np.ndarray], max_side: int):
         t0 = time.perf_counter()
@@ -162,12 +157,7 @@ class UNetWorker:
         return [self.denoiser.group_norm_stats(torch.from_numpy(np.ascontiguousarray(latents[0])), max_side=max_side)], time.perf_counter() - t0
 
     def encode(self, tiles: list[np.ndarray], norm_stats: dict | None):
-        t0 = time.perf_counter()
-        import torch
-
-        outs = [self.denoiser.encode(torch.from_numpy(np.ascontiguousarray(t))[None], norm_stats=norm_stats)[0].numpy()
-                for t in tiles]
-        return outs, time.perf_counter() - t0
+        return _per_tile(self.denoiser.encode, tiles, norm_stats)
 
     def encoder_group_norm_stats(self, images: list[np.ndarray], max_side: int):
         t0 = time.perf_counter()
@@ -175,3 +165,12 @@ class UNetWorker:
 
         image = torch.from_numpy(np.ascontiguousarray(images[0]))
         return [self.denoiser.encoder_group_norm_stats(image, max_side=max_side)], time.perf_counter() - t0
+
+
+def _per_tile(vae_call, tiles: list[np.ndarray], norm_stats: dict | None):
+    """One VAE call (the denoiser's decode or encode) per tile, all with the same GroupNorm statistics; (outputs, seconds)."""
+    import torch
+
+    t0 = time.perf_counter()
+    outs = [vae_call(torch.from_numpy(np.ascontiguousarray(t))[None], norm_stats=norm_stats)[0].numpy() for t in tiles]
+    return outs, time.perf_counter() - t0
