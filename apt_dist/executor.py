@@ -251,8 +251,9 @@ class Executor(ABC):
         """Predict every view of every set, handing each set its predictions as they come (`take`).
 
         A view set (fusion.LocalViews, fusion.DilatedViews) has `shapes`, `crops`, `inputs()`,
-        `take(indices, eps)`, and `source()` and `cuts` (every input is a cut of that one tensor). The first set's inputs are made now; the others' when a call first needs
-        them, so a remote executor's first calls are out while the driver makes them (the blur).
+        `take(indices, eps)`, `source()` and `cuts` (every input is a cut of that one tensor). The
+        first set's inputs are made now; the others' when a call first needs them, so a remote
+        executor's first calls are out while the driver makes them (the blur).
         Predictions reach `take` in any order and grouping, overlapping the calls still running.
         """
         first, rest = view_sets[0], view_sets[1:]
