@@ -16,7 +16,10 @@ only its patches' cuts (`RayExecutor`); the values are the same either way.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import heapq
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -307,6 +310,15 @@ class Executor(ABC):
     @abstractmethod
     def _norm_stats(self, latent: torch.Tensor, max_side: int) -> dict: ...
 
+    def lane(self, key: int) -> Executor:
+        """An executor for render `key` (1, 2, ...: the order of submission) of several running at once on this
+        executor's devices (`many.render_many`): its own context and statistics, its UNet calls queued with the
+        other lanes', the earliest render's first."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run several renders at once")
+
+    def end_lanes(self) -> None:
+        """Release what the lanes shared, once every lane's render has ended."""
+
     def close(self) -> None:
         pass
 
@@ -344,16 +356,77 @@ class InProcessExecutor(Executor):
         ctx = self.context
         for k, unit in enumerate(units):
             x, c, b = unit_batch(unit, patches, crops)
-            deliver([k], [self._denoiser.predict(x, timestep, c, b, ctx.embeds, ctx.original_size)])
+            with self._turn():
+                y = self._denoiser.predict(x, timestep, c, b, ctx.embeds, ctx.original_size)
+            deliver([k], [y])
+
+    def _turn(self):
+        return contextlib.nullcontext()
+
+    def lane(self, key: int) -> Executor:
+        if not hasattr(self, "_turns"):
+            self._turns, self._load_lock = _Turns(), threading.Lock()
+        return _InProcessLane(self, key)
 
     def _decode(self, tiles, norm_stats):
-        return [self._denoiser.decode(t[None], norm_stats=norm_stats)[0] for t in tiles]
+        with self._turn():
+            return [self._denoiser.decode(t[None], norm_stats=norm_stats)[0] for t in tiles]
 
     def _norm_stats(self, latent, max_side):
-        return self._denoiser.group_norm_stats(latent, max_side=max_side)
+        with self._turn():
+            return self._denoiser.group_norm_stats(latent, max_side=max_side)
 
     def _encode(self, tiles, norm_stats):
-        return [self._denoiser.encode(t[None], norm_stats=norm_stats)[0] for t in tiles]
+        with self._turn():
+            return [self._denoiser.encode(t[None], norm_stats=norm_stats)[0] for t in tiles]
 
     def _encoder_norm_stats(self, image, max_side):
-        return self._denoiser.encoder_group_norm_stats(image, max_side=max_side)
+        with self._turn():
+            return self._denoiser.encoder_group_norm_stats(image, max_side=max_side)
+
+
+class _Turns:
+    """One device, several renders' threads: of those waiting, the render submitted earliest runs the next call."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._waiting: list[int] = []
+        self._busy = False
+
+    @contextlib.contextmanager
+    def turn(self, key: int):
+        with self._cv:
+            heapq.heappush(self._waiting, key)
+            self._cv.wait_for(lambda: not self._busy and self._waiting[0] == key)
+            heapq.heappop(self._waiting)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+
+
+class _InProcessLane(InProcessExecutor):
+    """One render of several on an InProcessExecutor's model (`InProcessExecutor.lane`): one call at a time."""
+
+    def __init__(self, parent: InProcessExecutor, key: int):
+        super().__init__()
+        self.parent, self.key = parent, key
+
+    def start(self, context: RenderContext) -> None:
+        Executor.start(self, context)
+        from .models import Denoiser
+
+        with self.parent._load_lock:  # the first lane loads the model, the others use it
+            held = self.parent._denoiser
+            if held is None:
+                self.parent._denoiser = held = Denoiser(context.model)
+            elif held.spec != context.model:
+                raise ValueError(f"the renders of one pool share its model: {held.spec.name!r} runs, render {self.key} "
+                                 f"asks for {context.model.name!r} (or other LoRAs, VAE or dtype)")
+        self._denoiser = held
+
+    def _turn(self):
+        return self.parent._turns.turn(self.key)

@@ -35,15 +35,18 @@ import dataclasses
 import functools
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import AuthenticationError
 
@@ -58,6 +61,7 @@ from .worker import ContextMissing, Cuts, UNetWorker
 CALL_TIMEOUT_FLOOR_S = 60.0
 CALL_TIMEOUT_FACTOR = 10.0  # x the median seconds per work unit of recent calls
 _RECENT_CALLS = 256  # calls the median is taken over, per kind (predict, decode, ...)
+_POOL_POLL_S = 0.002  # the pool's thread looks for new jobs at least this often
 
 
 # Worker losses, restarts and re-queues, as they happen (the CLI shows them on stderr); also in summary()["events"].
@@ -207,7 +211,9 @@ class RayExecutor(Executor):
         self._spec = None
         self._owns_ray = False
         self._local_instance = False  # a Ray instance this executor started: its resources never grow
-        self._ctx_ref = None
+        self._contexts: dict[int, object] = {}  # render key -> its context in the object store (0: a lone render)
+        self._pool: _Pool | None = None  # the dispatcher thread of several renders at once (`lane`)
+        self._start_lock = threading.Lock()
         self._pings: dict = {}
         self._render_t0 = 0.0
         self._wire_dtype = np.float32
@@ -217,9 +223,20 @@ class RayExecutor(Executor):
 
     # ---- lifecycle -----------------------------------------------------------------
     def start(self, context: RenderContext) -> None:
+        super().start(context)
+        self._start_workers(context.model)
+        for w in self.workers:
+            w.patches = w.busy_s = 0.0
+            w.calls = w.losses = 0
+        self._send_context(0, context)  # runs before any later Ray call of this driver...
+        # ...and so before the attach calls here return, hence before any call over a channel.
+        self._connect_local([w for w in self.workers if w.alive])
+        self._render_t0 = time.perf_counter()
+
+    def _start_workers(self, model) -> None:
+        """Join or start Ray, and the workers for `model` (the running ones, if they hold it)."""
         import ray
 
-        super().start(context)
         from .cleanup import remove_stale_files
 
         remove_stale_files()  # what drivers killed on this node left (shared memory, socket folders)
@@ -243,7 +260,7 @@ class RayExecutor(Executor):
                 raise ClusterError(f"cannot join the Ray cluster at {address!r}: {e}") from None
             self._owns_ray = True
             self._local_instance = address == "local"
-        worker_spec = self._worker_spec(context.model)
+        worker_spec = self._worker_spec(model)
         # A float16 UNet casts its input to float16 and its output is float16: sending both ways in
         # float16 changes no value and halves the bytes. Other dtypes travel as float32.
         self._wire_dtype = np.float16 if worker_spec.torch_dtype() == torch.float16 else np.float32
@@ -252,17 +269,56 @@ class RayExecutor(Executor):
         if not self.workers:
             self._spec = worker_spec
             self._launch()
-        for w in self.workers:
-            w.patches = w.busy_s = 0.0
-            w.calls = w.losses = 0
-        ctx = {"embeds": context.embeds, "original_size": tuple(context.original_size)}
-        self._ctx_ref = ray.put(ctx)  # one copy in the object store; each worker fetches it once
-        for w in self.workers:
-            if w.alive:
-                w.handle.set_context.remote(self._ctx_ref)  # runs before any later Ray call of this driver
-        # ...and so before the attach calls here return, hence before any call over a channel.
-        self._connect_local([w for w in self.workers if w.alive])
-        self._render_t0 = time.perf_counter()
+
+    def _send_context(self, key: int, context: RenderContext) -> list:
+        """Render `key`'s prompt embeddings and size: one copy in the object store, fetched once by each worker."""
+        import ray
+
+        self._contexts[key] = ray.put({"embeds": context.embeds, "original_size": tuple(context.original_size)})
+        return [w.handle.set_context.remote(self._contexts[key], key) for w in self.workers if w.alive]
+
+    # ---- lanes: several renders at once on these workers (render_many) ------------------------------------
+    def lane(self, key: int) -> Executor:
+        """An executor for render `key` (1, 2, ...: the order of submission) of several that share these workers
+        (`many.render_many`). The first lane opens the pool: a dispatcher thread that runs every lane's calls,
+        earliest render first, each step taking at most a fair share per worker (see `_serve`). Lanes use plain
+        Ray calls and objects (no shared-memory file or socket of their own). `end_lanes` closes the pool."""
+        if key < 1:
+            raise ValueError(f"lane keys start at 1 (0 is the lone render's), got {key}")
+        if self._pool is None:
+            self._pool = _Pool(self)
+            self._render_t0 = time.perf_counter()
+            for w in self.workers:
+                w.patches = w.busy_s = 0.0
+                w.calls = 0
+        return _RayLane(self, key)
+
+    def end_lanes(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def _start_lane(self, key: int, context: RenderContext) -> None:
+        import ray
+
+        with self._start_lock:  # lanes start from their own threads; the first one starts the workers
+            if self.workers and self._worker_spec(context.model) != self._spec:
+                raise ValueError(f"the renders of one pool share its workers' model: {self._spec.name!r} runs, "
+                                 f"render {key} asks for {context.model.name!r} (or other LoRAs, VAE or dtype)")
+            self._start_workers(context.model)
+            ray.get(self._send_context(key, context))  # on every worker before the pool's thread calls for it
+
+    def _end_lane(self, key: int) -> None:
+        ref = self._contexts.pop(key, None)
+        if ref is not None:
+            for w in self.workers:
+                if w.alive:
+                    w.handle.drop_context.remote(key)
+
+    def _resend_contexts(self, w: WorkerState) -> None:
+        """A restarted actor has lost every render's context."""
+        for key, ref in self._contexts.items():
+            w.handle.set_context.remote(ref, key)
 
     def device_profile(self, gpu_memory: float | None = None):
         """CPU workers, or CUDA with the smallest worker GPU's memory times the GPU share of a worker."""
@@ -389,6 +445,7 @@ class RayExecutor(Executor):
     def close(self) -> None:
         import ray
 
+        self.end_lanes()
         if self._buf is not None:
             self._buf.close()
             self._buf = None
@@ -421,21 +478,22 @@ class RayExecutor(Executor):
             self._pg = None
 
     # ---- the per-timestep loop -----------------------------------------------------------
-    def _run_units(self, timestep, units: list[WorkUnit], patches, crops, deliver):
-        staging = self._staging(units, patches)
+    def _run_units(self, timestep, units: list[WorkUnit], patches, crops, deliver, lane: int = 0):
+        # A lane (one of several renders at once) has no shared-memory file and no socket of its own: plain Ray.
+        staging = self._staging(units, patches) if not lane else _Staging(units, patches, self._wire_dtype, None)
 
         def submit(w, idx):
-            messages, sources = staging.call(idx, crops, w.shared)
-            if self._direct(w):
+            messages, sources = staging.call(idx, crops, w.shared and not lane)
+            if self._direct(w) and not lane:
                 return w.channel.call(timestep, messages)
-            return w.handle.predict.remote(timestep, messages, *sources)
+            return w.handle.predict.remote(timestep, messages, *sources, context=lane)
 
         def receive(idx, outs):
             deliver(idx, [staging.output(k) if o is None else _as_tensor(o) for k, o in zip(idx, outs)])
 
         made = len(patches.head) if isinstance(patches, DeferredPatches) else len(patches)  # patches that exist now
-        self._dispatch(len(units), submit, receive, weights=[len(u.rows) / 2 for u in units], what=f"timestep {timestep}",
-                       ready=lambda k: units[k].patches[-1] < made)
+        self._dispatch(_Job(len(units), submit, receive, weights=[len(u.rows) / 2 for u in units],
+                            what=f"timestep {timestep}", ready=lambda k: units[k].patches[-1] < made, lane=lane))
 
     def _direct(self, w: WorkerState) -> bool:
         """Whether w's predict calls go over its socket (else through Ray)."""
@@ -451,93 +509,156 @@ class RayExecutor(Executor):
                 w.shared = False
             return _Staging(units, patches, self._wire_dtype, None)
 
-    def _decode(self, tiles, norm_stats):
-        return self._tiles_on_workers("decode", tiles, norm_stats)
+    def _decode(self, tiles, norm_stats, lane: int = 0):
+        return self._tiles_on_workers("decode", tiles, norm_stats, lane)
 
-    def _norm_stats(self, latent, max_side):
-        return self._stats_on_workers("group_norm_stats", latent, max_side, "decode statistics")
+    def _norm_stats(self, latent, max_side, lane: int = 0):
+        return self._stats_on_workers("group_norm_stats", latent, max_side, "decode statistics", lane)
 
-    def _encode(self, tiles, norm_stats):
-        return self._tiles_on_workers("encode", tiles, norm_stats)
+    def _encode(self, tiles, norm_stats, lane: int = 0):
+        return self._tiles_on_workers("encode", tiles, norm_stats, lane)
 
-    def _encoder_norm_stats(self, image, max_side):
-        return self._stats_on_workers("encoder_group_norm_stats", image, max_side, "encode statistics")
+    def _encoder_norm_stats(self, image, max_side, lane: int = 0):
+        return self._stats_on_workers("encoder_group_norm_stats", image, max_side, "encode statistics", lane)
 
-    def _tiles_on_workers(self, method: str, tiles, norm_stats) -> list[torch.Tensor]:
+    def _tiles_on_workers(self, method: str, tiles, norm_stats, lane: int = 0) -> list[torch.Tensor]:
         """VAE tiles (`method`: the worker's decode or encode), shared out over the workers."""
         import ray
 
         arrays = [t.numpy() for t in tiles]
         results: list = [None] * len(arrays)
         stats_ref = ray.put(norm_stats)  # one copy in the object store, shared by every call
-        self._dispatch(len(arrays), lambda w, idx: getattr(w.handle, method).remote([arrays[i] for i in idx], stats_ref),
-                       _store(results), weights=[0] * len(arrays), what=method)
+        self._dispatch(_Job(len(arrays), lambda w, idx: getattr(w.handle, method).remote([arrays[i] for i in idx], stats_ref),
+                            _store(results), weights=[0] * len(arrays), what=method, lane=lane))
         return [_as_tensor(o) for o in results]
 
-    def _stats_on_workers(self, method: str, whole: torch.Tensor, max_side: int, what: str) -> dict:
+    def _stats_on_workers(self, method: str, whole: torch.Tensor, max_side: int, what: str, lane: int = 0) -> dict:
         """The VAE's GroupNorm statistics of a whole image (`method` on one worker)."""
         results: list = [None]
-        self._dispatch(1, lambda w, idx: getattr(w.handle, method).remote([whole.numpy()], max_side),
-                       _store(results), weights=[0], what=what)
+        self._dispatch(_Job(1, lambda w, idx: getattr(w.handle, method).remote([whole.numpy()], max_side),
+                            _store(results), weights=[0], what=what, lane=lane))
         return results[0]
 
-    def _dispatch(self, n: int, submit, receive, weights: list[float], what: str, ready=None) -> None:
-        """Run items 0..n-1 on live workers: `submit(worker, indices)` -> ref; `receive(indices, outputs)` per reply.
+    # ---- the dispatcher: one loop for one render's calls, or (a thread) for several renders' ----------------
+    def _dispatch(self, job: _Job) -> None:
+        """Run the job's items on live workers; raises what made it fail. With lanes open (several renders at
+        once), the pool's thread runs it among the other renders' jobs; else this thread, alone."""
+        if self._pool is not None:
+            self._pool.run(job)
+        else:
+            self._serve([job])
+        if job.error is not None:
+            raise job.error
 
-        `ready(item)`: whether the item can be sent without first making its input (see `_shares`).
+    def _serve(self, jobs: list[_Job], incoming: queue.Queue | None = None) -> None:
+        """The dispatch loop: share queued items out to idle workers, gather replies, re-queue lost work.
+
+        Alone (`incoming` None) it runs `jobs` to the end. As the pool's thread it also takes new jobs from
+        `incoming` until it finds None there; jobs then go out earliest render (`lane`) first, each taking at
+        most its fair share per worker (`ceil(items / live workers)`), so that workers that come free take
+        the next render's items while a step waits on its last units.
         """
         import ray
 
-        queue = deque(range(n))
-        in_flight: dict = {}  # ref -> (worker, [item indices])
-        kind = what.split()[0]  # "timestep", "decode": calls of one kind take alike per unit
-        while queue or in_flight:
+        in_flight: dict = {}  # ref -> (worker, job, [item indices])
+        pooled, closing = incoming is not None, False
+        while True:
+            if pooled:
+                closing = self._take_jobs(jobs, incoming, idle=not in_flight) or closing
+            jobs[:] = [j for j in jobs if not j.done.is_set()]
+            if not jobs and (not pooled or closing):
+                return
             live = [w for w in self.workers if w.alive]
             idle = [w for w in live if w.in_flight == 0]
-            if queue and idle:
-                for w, idx in _shares(queue, idle, ready):
-                    in_flight[submit(w, idx)] = (w, idx)
+            for job in sorted(jobs, key=lambda j: j.lane) if pooled else jobs:
+                if not (job.queue and idle):
+                    continue
+                todo, k = job.queue, len(idle)
+                if pooled:  # at most a fair share per worker; the rest waits for the next worker to come free
+                    cap = -(-job.n // len(live))
+                    k = min(k, -(-len(job.queue) // cap))
+                    todo = deque(job.queue.popleft() for _ in range(min(len(job.queue), cap * k)))
+                for w, idx in _shares(todo, idle[:k], job.ready):
+                    try:
+                        ref = job.submit(w, idx)
+                    except Exception as e:  # making the call's inputs failed (the driver's own work)
+                        job.fail(e)
+                        break
+                    in_flight[ref] = (w, job, idx)
                     if w.in_flight == 0:
                         w.progress_at = time.perf_counter()
                     w.in_flight += 1
                     w.pending_units += len(idx)
+                    job.in_flight += 1
+                idle = idle[k:]
             self._ping_lost_workers()
-            self._expire_hung_calls(in_flight, queue, kind, what)
+            self._expire_hung_calls(in_flight)
             if not live and not in_flight and all(w.dead for w in self.workers):
-                raise ClusterError(
-                    f"no live worker left during {what}: all {len(self.workers)} workers are gone "
-                    f"(restarts exhausted, or not back within {self.worker_timeout_s:g} s)"
-                )
-            for ref in self._wait(list(in_flight)):
+                for job in jobs:
+                    job.fail(ClusterError(
+                        f"no live worker left during {job.what}: all {len(self.workers)} workers are gone "
+                        f"(restarts exhausted, or not back within {self.worker_timeout_s:g} s)"))
+            for ref in self._wait(list(in_flight), timeout=_POOL_POLL_S if pooled else 0.5):
                 if ref in self._pings:
                     self._settle_ping(ref)
                     continue
                 if ref not in in_flight:  # a call of a worker already given up as hung
                     continue
-                w, idx = in_flight.pop(ref)
+                w, job, idx = in_flight.pop(ref)
                 w.in_flight -= 1
                 w.pending_units -= len(idx)
                 w.progress_at = time.perf_counter()
+                job.in_flight -= 1
                 try:
                     outs, busy = ref.result() if isinstance(ref, channel.Call) else ray.get(ref)
-                except (ray.exceptions.RayActorError, channel.ChannelClosed) as e:
-                    self._lost(w, e, what, len(idx))
-                    queue.extendleft(reversed(idx))
+                except Exception as e:
+                    if self._requeue(e, w, job, idx):
+                        job.queue.extendleft(reversed(idx))
+                    else:
+                        job.fail(e)
+                    job.settle()
                     continue
-                except (ray.exceptions.RayTaskError, ContextMissing) as e:
-                    if not isinstance(e, ContextMissing) and not isinstance(e.cause, ContextMissing):
-                        raise
-                    # Ray restarted this worker between two calls: send the context, run the units again.
-                    w.handle.set_context.remote(self._ctx_ref)
-                    self._event(logging.INFO, f"worker {w.index} was restarted by Ray between calls; context re-sent, "
-                                              f"{len(idx)} work unit(s) re-queued")
-                    queue.extendleft(reversed(idx))
-                    continue
-                receive(idx, outs)
-                self._unit_s.setdefault(kind, deque(maxlen=_RECENT_CALLS)).append(busy / max(1, len(idx)))
                 w.calls += 1
                 w.busy_s += busy
-                w.patches += sum(weights[i] for i in idx)
+                if job.error is None:  # a failed job's late replies are dropped
+                    try:
+                        job.receive(idx, outs)
+                    except Exception as e:  # the render's own work on its predictions (its sampler step)
+                        job.fail(e)
+                    self._unit_s.setdefault(job.kind, deque(maxlen=_RECENT_CALLS)).append(busy / max(1, len(idx)))
+                    w.patches += sum(job.weights[i] for i in idx)
+                job.settle()
+
+    def _requeue(self, e: Exception, w: WorkerState, job: _Job, idx: list[int]) -> bool:
+        """Whether a failed call's units go back to the queue (its worker was lost or restarted), or its job fails."""
+        import ray
+
+        if isinstance(e, (ray.exceptions.RayActorError, channel.ChannelClosed)):
+            self._lost(w, e, job.what, len(idx))
+            return True
+        if isinstance(e, ContextMissing) or isinstance(getattr(e, "cause", None), ContextMissing):
+            # Ray restarted this worker between two calls: send the contexts, run the units again.
+            self._resend_contexts(w)
+            self._event(logging.INFO, f"worker {w.index} was restarted by Ray between calls; context re-sent, "
+                                      f"{len(idx)} work unit(s) re-queued")
+            return True
+        return False
+
+    @staticmethod
+    def _take_jobs(jobs: list[_Job], incoming: queue.Queue, idle: bool) -> bool:
+        """Move new jobs from `incoming` into `jobs` (waiting a little for one when nothing is in flight);
+        True once the pool is told to close (None)."""
+        closing = False
+        try:
+            item = incoming.get(timeout=_POOL_POLL_S) if idle and not any(j.queue for j in jobs) else incoming.get_nowait()
+            while True:
+                if item is None:
+                    closing = True
+                else:
+                    jobs.append(item)
+                item = incoming.get_nowait()
+        except queue.Empty:
+            return closing
 
     def call_deadline_s(self, kind: str, units: int) -> float:
         """Seconds a worker may go without a reply while `units` work units of `kind` are in its calls."""
@@ -548,22 +669,28 @@ class RayExecutor(Executor):
             return CALL_TIMEOUT_FLOOR_S * max(1, units)
         return max(CALL_TIMEOUT_FLOOR_S, CALL_TIMEOUT_FACTOR * statistics.median(recent) * max(1, units))
 
-    def _expire_hung_calls(self, in_flight: dict, queue: deque, kind: str, what: str) -> None:
+    def _expire_hung_calls(self, in_flight: dict) -> None:
         """A worker with no reply within its deadline is hung (stopped, deadlocked, a stuck GPU): like a lost
-        worker, its calls' units go back to the queue, and it is killed through Ray, which restarts it."""
+        worker, its calls' units go back to their queues, and it is killed through Ray, which restarts it."""
         now = time.perf_counter()
         for w in self.workers:
-            if not (w.alive and w.in_flight) or now - w.progress_at <= self.call_deadline_s(kind, w.pending_units):
+            if not (w.alive and w.in_flight):
                 continue
-            waited = now - w.progress_at
-            mine = [ref for ref, (v, _) in in_flight.items() if v is w]
-            idx = [i for ref in mine for i in in_flight.pop(ref)[1]]
-            queue.extendleft(reversed(idx))
+            mine = [ref for ref, (v, _, _) in in_flight.items() if v is w]
+            kind = in_flight[mine[0]][1].kind if mine else "timestep"
+            if now - w.progress_at <= self.call_deadline_s(kind, w.pending_units):
+                continue
+            waited, units = now - w.progress_at, w.pending_units
+            what = in_flight[mine[0]][1].what if mine else "a call"
+            for ref in mine:
+                _, job, idx = in_flight.pop(ref)
+                job.queue.extendleft(reversed(idx))
+                job.in_flight -= 1
             w.in_flight, w.pending_units = 0, 0
             message = (f"worker {w.index} (pid {w.info.get('pid')}, node {str(w.info.get('node_id'))[:8]}) sent no reply "
-                       f"for {waited:.1f} s during {what} (deadline {self.call_deadline_s(kind, len(idx)):.1f} s): "
-                       f"treated as lost, {len(idx)} work unit(s) re-queued, worker killed for Ray to restart")
-            self._lost(w, TimeoutError(message), what, len(idx), quiet=True)
+                       f"for {waited:.1f} s during {what} (deadline {self.call_deadline_s(kind, units):.1f} s): "
+                       f"treated as lost, {units} work unit(s) re-queued, worker killed for Ray to restart")
+            self._lost(w, TimeoutError(message), what, units, quiet=True)
             self._event(logging.WARNING, message)
             self._kill_hung(w)
 
@@ -583,19 +710,19 @@ class RayExecutor(Executor):
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def _wait(self, keys: list) -> list:
-        """Those of `keys` (Ray refs, channel calls) and of the pings that are done; the first within 0.5 s."""
+    def _wait(self, keys: list, timeout: float = 0.5) -> list:
+        """Those of `keys` (Ray refs, channel calls) and of the pings that are done; the first within `timeout`."""
         import ray
 
         calls = [k for k in keys if isinstance(k, channel.Call)]
         refs = [k for k in keys if not isinstance(k, channel.Call)] + list(self._pings)
         if not calls and not refs:  # waiting for a lost worker's next ping: ray.wait([]) would return at once
-            time.sleep(0.05)
+            time.sleep(min(timeout, 0.05))
             return []
         if not calls:
-            return ray.wait(refs, num_returns=1, timeout=0.5)[0]
+            return ray.wait(refs, num_returns=1, timeout=timeout)[0]
         if not refs:
-            return channel.wait(calls, timeout=0.5)
+            return channel.wait(calls, timeout=timeout)
         # Both kinds in flight (workers on other nodes too, or a ping): poll both, 2 ms apart at most.
         return channel.wait(calls, timeout=0.002) + ray.wait(refs, num_returns=len(refs), timeout=0)[0]
 
@@ -638,7 +765,7 @@ class RayExecutor(Executor):
         w.pinging = False
         try:
             w.info = ray.get(ref)
-            w.handle.set_context.remote(self._ctx_ref)  # a restarted actor has lost the render's context
+            self._resend_contexts(w)
             self._connect_local([w])  # and its shared-memory mapping and channel
         except ray.exceptions.RayActorError:  # not back yet, or gone again
             w.next_ping = time.perf_counter() + 0.5
@@ -727,6 +854,118 @@ def _shares(queue: deque, idle: list[WorkerState], ready=None) -> list[tuple[Wor
         bulk.append((w, items[end - tail : end]))
         end -= tail
     return bulk
+
+
+@dataclass(eq=False)
+class _Job:
+    """Items for the workers: a timestep's work units, or a render's VAE tiles. `submit(worker, indices)` sends
+    a call; `receive(indices, outputs)` takes its reply; `ready(item)`: whether it can go without first making
+    its input (see `_shares`); `lane`: the render it belongs to (0: a lone render), the earliest first."""
+
+    n: int
+    submit: Callable
+    receive: Callable
+    weights: list[float]
+    what: str
+    ready: Callable | None = None
+    lane: int = 0
+    queue: deque = field(init=False)
+    in_flight: int = 0  # its calls out
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        self.queue = deque(range(self.n))
+        self.settle()
+
+    @property
+    def kind(self) -> str:  # "timestep", "decode": calls of one kind take alike per unit
+        return self.what.split()[0]
+
+    def fail(self, e: BaseException) -> None:
+        """The job fails (its first error counts); it is done once its calls out have come back."""
+        self.error = self.error or e
+        self.queue.clear()
+        self.settle()
+
+    def settle(self) -> None:
+        if self.in_flight == 0 and not self.queue:
+            self.done.set()
+
+
+class _Pool:
+    """The dispatcher thread of several renders at once: lanes hand it jobs, it runs them all in one loop."""
+
+    def __init__(self, ex: RayExecutor):
+        self.ex, self.incoming, self.error = ex, queue.Queue(), None
+        self.jobs: list[_Job] = []
+        self.thread = threading.Thread(target=self._loop, name="apt-dist-pool", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        try:
+            self.ex._serve(self.jobs, self.incoming)
+        except BaseException as e:  # the dispatcher itself failed: no job may wait for it forever
+            self.error = e
+            for job in self.jobs + self._drain():
+                job.fail(e)
+                job.done.set()
+
+    def _drain(self) -> list[_Job]:
+        out = []
+        while not self.incoming.empty():
+            item = self.incoming.get_nowait()
+            if item is not None:
+                out.append(item)
+        return out
+
+    def run(self, job: _Job) -> None:
+        if self.error is not None or not self.thread.is_alive():
+            job.fail(self.error or ClusterError("the worker pool is closed"))
+            return
+        self.incoming.put(job)
+        while not job.done.wait(timeout=1.0):
+            if not self.thread.is_alive():  # died after taking it
+                job.fail(self.error or ClusterError("the worker pool stopped"))
+                job.done.set()
+
+    def close(self) -> None:
+        self.incoming.put(None)
+        self.thread.join()
+
+
+class _RayLane(Executor):
+    """One render of several on a RayExecutor's workers (`RayExecutor.lane`): its own context and statistics;
+    its calls go through the executor's pool."""
+
+    def __init__(self, ex: RayExecutor, key: int):
+        super().__init__()
+        self.ex, self.key = ex, key
+
+    def start(self, context: RenderContext) -> None:
+        super().start(context)
+        self.ex._start_lane(self.key, context)
+
+    def device_profile(self, gpu_memory: float | None = None):
+        return self.ex.device_profile(gpu_memory)
+
+    def _run_units(self, timestep, units, patches, crops, deliver):
+        self.ex._run_units(timestep, units, patches, crops, deliver, lane=self.key)
+
+    def _decode(self, tiles, norm_stats):
+        return self.ex._decode(tiles, norm_stats, lane=self.key)
+
+    def _norm_stats(self, latent, max_side):
+        return self.ex._norm_stats(latent, max_side, lane=self.key)
+
+    def _encode(self, tiles, norm_stats):
+        return self.ex._encode(tiles, norm_stats, lane=self.key)
+
+    def _encoder_norm_stats(self, image, max_side):
+        return self.ex._encoder_norm_stats(image, max_side, lane=self.key)
+
+    def close(self) -> None:
+        self.ex._end_lane(self.key)
 
 
 def _store(results: list):

@@ -42,7 +42,8 @@ class ContextMissing(RuntimeError):
 class UNetWorker:
     def __init__(self, spec, cpu_threads: int | None = None):
         self.spec = spec
-        self._ctx = None
+        self._contexts: dict[int, dict] = {}  # per render running on this worker (render_many runs several)
+        self._ctx = None  # the current call's
         self._shared = SharedViews()
         try:
             self.denoiser = self.load(spec, cpu_threads)
@@ -78,9 +79,13 @@ class UNetWorker:
             out["gpu_total_bytes"], out["gpu_name"] = props.total_memory, props.name
         return out
 
-    def set_context(self, ctx: dict) -> None:
-        """The render's prompt embeddings and original size: sent once per render (and after a restart)."""
-        self._ctx = ctx
+    def set_context(self, ctx: dict, key: int = 0) -> None:
+        """A render's prompt embeddings and original size: sent once per render (and after a restart). `key`
+        names the render among those sharing this worker (`predict(context=key)`)."""
+        self._contexts[key] = ctx
+
+    def drop_context(self, key: int) -> None:
+        self._contexts.pop(key, None)
 
     def attach(self, path: str) -> bool:
         """Can this worker map the driver's shared-memory file? (Same node, same /dev/shm.)"""
@@ -113,15 +118,16 @@ class UNetWorker:
         path, offset, shape, dtype = ref
         return self._shared.array(path, offset, shape, dtype)
 
-    def predict(self, timestep: int, units: list[tuple], *sources: np.ndarray):
+    def predict(self, timestep: int, units: list[tuple], *sources: np.ndarray, context: int = 0):
         """Run each (patches [k,C,h,w], rows [(local_patch, branch)], crops [k], out) as one UNet call.
 
         The patches may be `Cuts` of `sources` (whole [C, H, W] tensors of the step, which Ray
         passes from the object store of this node). `out` None: the output [rows,C,h,w] is
         returned; else (path, offset): it is written there and None is returned in its place.
-        Returns ([outputs], busy seconds).
+        `context`: the key of the render's context (`set_context`). Returns ([outputs], busy seconds).
         """
         t0 = time.perf_counter()
+        self._ctx = self._contexts.get(context)
         outs = []
         for x_ref, rows, crops, out_ref in units:
             y = self.predict_unit(timestep, self._array(x_ref, sources), rows, crops)

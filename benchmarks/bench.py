@@ -144,14 +144,13 @@ class SimulatedWorker(UNetWorker):
         self.extra_delay_s = extra_delay_s
         self._deadline = 0.0
         super().__init__(spec, cpu_threads)
-        self._ctx = {}  # needs no prompt embeddings: never refuses a call for want of a context
 
     def load(self, spec, cpu_threads):
         return None
 
-    def predict(self, timestep, units, *sources):
+    def predict(self, timestep, units, *sources, context=0):
         self._deadline = time.perf_counter()
-        outs, busy = super().predict(timestep, units, *sources)
+        outs, busy = super().predict(timestep, units, *sources, context=context)
         if self.extra_delay_s:
             time.sleep(self.extra_delay_s)
         return outs, busy

@@ -31,8 +31,8 @@ class SlowWorker(UNetWorker):
     Defined in this test module, which Ray's workers cannot import: RayExecutor sends the class by value.
     """
 
-    def predict(self, timestep, units, *sources):
-        out = super().predict(timestep, units, *sources)
+    def predict(self, timestep, units, *sources, context=0):
+        out = super().predict(timestep, units, *sources, context=context)
         time.sleep(0.15)
         return out
 
