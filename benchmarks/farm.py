@@ -53,7 +53,7 @@ FULL = {"workers": "8,16", "size": 4096, "mixed_sizes": "2048,3072,4096", "mixed
         "renders": 4, "steps": 50, "seconds_per_patch": 0.035, "rounds": 1}
 QUICK = {"workers": "2", "size": 2048, "mixed_sizes": "1024,2048", "mixed_workers": 2, "overhead_workers": 2,
          "renders": 2, "steps": 2, "seconds_per_patch": 0.002, "rounds": 1}
-TOGETHER, SEQUENTIAL = "together", "one after another"
+TOGETHER, SEQUENTIAL, SEQ_RAY = "together", "one after another", "one after another, plain Ray"
 COLUMNS = ["run", "workers", "renders", "mode", "wall s", "sampling s", "ideal s", "busy s", "UNet s (plan)",
            "util (sampling)", "util (wall)", "1-render bound", "speed-up", "ms/patch (sampling)"]
 
@@ -115,16 +115,26 @@ def one_after_another(ex, configs: list[RenderConfig]) -> dict:
     return out
 
 
-def alternate(ex, configs: list[RenderConfig], rounds: int, label: str) -> dict:
-    """Both modes on one executor, `rounds` times, the order swapped each round (after a short warm-up of each:
+def plain_ray(ex, configs: list[RenderConfig]) -> dict:
+    """One after another, each call a plain Ray call with Ray objects: the transport the lanes use."""
+    ex.shared_memory = ex.direct_calls = False
+    try:
+        return one_after_another(ex, configs)
+    finally:
+        ex.shared_memory = ex.direct_calls = True
+
+
+def alternate(ex, configs: list[RenderConfig], rounds: int, label: str, with_plain_ray: bool = False) -> dict:
+    """The modes on one executor, `rounds` times, the order rotated each round (after a short warm-up of each:
     actor start-up and first calls)."""
+    modes = {TOGETHER: together, SEQUENTIAL: one_after_another} | ({SEQ_RAY: plain_ray} if with_plain_ray else {})
     warm = [dataclasses.replace(configs[0], steps=2)]
-    one_after_another(ex, warm)
-    together(ex, warm)
-    runs: dict = {TOGETHER: [], SEQUENTIAL: []}
-    modes = {TOGETHER: together, SEQUENTIAL: one_after_another}
+    for fn in modes.values():
+        fn(ex, warm)
+    runs: dict = {mode: [] for mode in modes}
+    names = list(modes)
     for r in range(rounds):
-        for mode in (list(modes) if r % 2 == 0 else list(modes)[::-1]):
+        for mode in names[r % len(names):] + names[:r % len(names)]:
             runs[mode].append(modes[mode](ex, configs))
             m = runs[mode][-1]
             print(f"  {label}, {ex.num_workers} workers, {mode}: wall {m['wall_s']:.2f} s, sampling {m['sampling_s']:.2f} s, "
@@ -151,16 +161,22 @@ def rows_for(run: str, n: int, configs: list[RenderConfig], runs: dict, seconds_
     return rows
 
 
-def overhead_rows(n: int, configs: list[RenderConfig], rounds: int) -> tuple[list[list], dict]:
+def overhead_rows(n: int, configs: list[RenderConfig], rounds: int, with_plain_ray: bool = False) -> tuple[list[list], dict]:
     """Zero-cost UNet: the renders interleaved against the first one alone; ms per patch evaluation in sampling."""
     ex = timed(simulated_executor(n, 0.0, cpus_per_worker=1))
-    runs: dict = {TOGETHER: [], "alone": []}
+    alone = {"alone": lambda: one_after_another(ex, configs[:1])}
+    if with_plain_ray:
+        alone[SEQ_RAY.replace("one after another", "alone")] = lambda: plain_ray(ex, configs[:1])
+    modes = {TOGETHER: lambda: together(ex, configs)} | alone
+    runs: dict = {mode: [] for mode in modes}
+    names = list(modes)
     try:
-        one_after_another(ex, [dataclasses.replace(configs[0], steps=2)])
-        together(ex, [dataclasses.replace(configs[0], steps=2)])
+        warm = [dataclasses.replace(configs[0], steps=2)]
+        for fn in (together, one_after_another) + ((plain_ray,) if with_plain_ray else ()):
+            fn(ex, warm)
         for r in range(rounds):
-            for mode in ((TOGETHER, "alone") if r % 2 == 0 else ("alone", TOGETHER)):
-                runs[mode].append(together(ex, configs) if mode == TOGETHER else one_after_another(ex, configs[:1]))
+            for mode in names[r % len(names):] + names[:r % len(names)]:
+                runs[mode].append(modes[mode]())
                 m = runs[mode][-1]
                 print(f"  overhead, {n} workers, {mode}: {1000 * m['sampling_s'] / m['patch_evals']:.3f} ms/patch",
                       flush=True)
@@ -201,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--view-batch-size", type=int, default=1, help="patches per UNet call (default 1)")
     ap.add_argument("--split-guidance", action=argparse.BooleanOptionalAction, default=True,
                     help="each guidance branch its own UNet call (default: split)")
+    ap.add_argument("--plain-ray", action="store_true",
+                    help="also run the renders one after another with plain Ray calls and objects (the lanes' "
+                         "transport; by default a lone render on the driver's node uses shared memory and sockets)")
     ap.add_argument("--driver-threads", type=int, default=1, help="torch threads of the driver (default 1)")
     ap.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per simulated worker (default 1)")
     ap.add_argument("--json", default=None, help="also write the numbers as JSON")
@@ -245,16 +264,16 @@ def run(ns, s: dict) -> Table:
     try:
         if s["overhead_workers"]:
             print(f"overhead: {s['renders']} renders of {s['size']}x{s['size']}, zero-cost UNet", flush=True)
-            over, data["overhead"] = overhead_rows(s["overhead_workers"], farm, s["rounds"])
+            over, data["overhead"] = overhead_rows(s["overhead_workers"], farm, s["rounds"], ns.plain_ray)
             rows += over
         for n in counts:  # one executor per worker count, so that only one set of actors is up at a time
             ex = timed(simulated_executor(n, s["seconds_per_patch"], cpus_per_worker=ns.cpus_per_worker))
             try:
                 if n in s["workers"]:
-                    data[f"farm {n}"] = alternate(ex, farm, s["rounds"], "farm")
+                    data[f"farm {n}"] = alternate(ex, farm, s["rounds"], "farm", ns.plain_ray)
                     rows += rows_for("farm", n, farm, data[f"farm {n}"], s["seconds_per_patch"])
                 if n == s["mixed_workers"]:
-                    data[f"mixed {n}"] = alternate(ex, mixed, s["rounds"], "mixed")
+                    data[f"mixed {n}"] = alternate(ex, mixed, s["rounds"], "mixed", ns.plain_ray)
                     rows += rows_for("mixed " + "+".join(map(str, s["mixed_sizes"])), n, mixed, data[f"mixed {n}"],
                                      s["seconds_per_patch"])
             finally:
@@ -265,17 +284,15 @@ def run(ns, s: dict) -> Table:
             (", guidance halves apart" if ns.split_guidance else ", both guidance branches"))
     table = Table(f"Farm: sdxl-random float16 APT, {s['steps']} steps, {unit}, simulated "
                   f"{1000 * s['seconds_per_patch']:g} ms/patch; {s['rounds']} round(s), modes alternating", COLUMNS, rows)
-    table.notes += [
-        "together: render_many on one pool; one after another: render, one at a time, on the same executor; "
-        "farm: seeds 1..n of one size; mixed: one render per size, submitted in that order",
-        "sampling s: first UNet call to last reply (one after another: the sum over the renders); wall s: also prompt "
-        "set-up and VAE decode; ideal s: patch evals x s/patch / workers",
-        "util = workers' busy s / (workers x seconds); 1-render bound: each render alone at its per-step barrier bound "
-        "(apt-dist plan's efficiency bound); speed-up: one-after-another wall / this wall",
-        "busy s against UNet s (plan): the counters cover every render (a shortfall: calls the counters missed)",
-        "overhead: seconds per row 0, ms/patch = sampling s / patch evaluations (driver and Ray calls; lanes use plain "
-        "Ray calls, a lone render shared memory and sockets)",
-    ]
+    table.notes.append("together: render_many on one pool; one after another: render, one at a time, on the same executor; "
+                       "farm: seeds 1..n of one size; mixed: one render per size, submitted in that order")
+    table.notes.append("sampling s: first UNet call to last reply (one after another: the sum over the renders); wall s: also prompt "
+                       "set-up and VAE decode; ideal s: patch evals x s/patch / workers")
+    table.notes.append("util = workers' busy s / (workers x seconds); 1-render bound: each render alone at its per-step barrier bound "
+                       "(apt-dist plan's efficiency bound); speed-up: one-after-another wall / this wall")
+    table.notes.append("busy s against UNet s (plan): the counters cover every render (a shortfall: calls the counters missed)")
+    table.notes.append("overhead: seconds per row 0, ms/patch = sampling s / patch evaluations (driver and Ray calls; lanes use plain "
+                       "Ray calls, a lone render shared memory and sockets; --plain-ray: also one after another over plain Ray)")
     table.data = {"runs": data, "settings": s | {"view_batch_size": ns.view_batch_size, "split_guidance": ns.split_guidance,
                                                  "driver_threads": ns.driver_threads, "cpus_per_worker": ns.cpus_per_worker}}
     return table

@@ -146,3 +146,39 @@ def test_gpu_bench_and_equal_work_dry_run_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "ew.json").read_text())["rows"]
     assert [r[0] for r in rows] == ["apt", "demofusion"] and all(r[5] > 0 and r[9] > 0 for r in rows)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_farm_dry_run_table_columns_and_utilisation_fractions(ray_local, tmp_path):
+    """benchmarks/farm.py --quick (small sizes, 2 workers): every run and mode has a row, utilisations are fractions
+    in (0, 1], and the busy counters cover every render of each mode (one after another included)."""
+    import farm  # benchmarks/farm.py
+
+    js, md = tmp_path / "farm.json", tmp_path / "farm.md"
+    assert farm.main(["--quick", "--seconds-per-patch", "0.01", "--json", str(js), "--markdown", str(md)]) == 0
+    doc = json.loads(js.read_text())
+    assert doc["columns"] == farm.COLUMNS
+    col = {c: i for i, c in enumerate(doc["columns"])}
+    assert [(r[col["run"]], r[col["mode"]]) for r in doc["rows"]] == [
+        ("overhead", "together"), ("overhead", "alone"), ("farm", "together"), ("farm", "one after another"),
+        ("mixed 1024+2048", "together"), ("mixed 1024+2048", "one after another")]
+    for r in doc["rows"]:
+        assert r[col["workers"]] == 2 and r[col["wall s"]] >= r[col["sampling s"]] > 0
+        if r[col["run"]] == "overhead":
+            assert r[col["ms/patch (sampling)"]] > 0
+            continue
+        for c in ("util (sampling)", "util (wall)", "1-render bound"):
+            assert 0 < float(r[col[c]].rstrip("%")) / 100 <= 1, (c, r)
+        # the simulated sleeps add up to at least the plan's UNet seconds, in both modes: no render's calls uncounted
+        assert r[col["busy s"]] >= 0.95 * r[col["UNet s (plan)"]], r
+    assert md.read_text().startswith("`python benchmarks/farm.py --quick")
+
+
+def test_farm_bad_options_exit_2_before_ray(capsys):
+    import farm
+
+    assert farm.main(["--workers", "0,2"]) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert farm.main(["--size", "1001"]) == 2  # not a multiple of 8: RenderConfig says so
+    assert farm.main(["--quick", "--driver-threads", "0"]) == 2
