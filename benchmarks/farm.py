@@ -203,7 +203,7 @@ def parse_ints(option: str, text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python benchmarks/farm.py", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a dry run in seconds: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    ap.add_argument("--workers", help=f"worker counts of the farm runs, comma-separated (default {FULL['workers']})")
+    ap.add_argument("--workers", help=f"worker counts of the farm runs, comma-separated, 0: skip them (default {FULL['workers']})")
     ap.add_argument("--size", type=int, help=f"width and height of the farm's renders (default {FULL['size']})")
     ap.add_argument("--renders", type=int, help=f"renders queued together in the farm and overhead runs (default {FULL['renders']})")
     ap.add_argument("--mixed-sizes", help=f"sizes rendered together in the mixed run, in submission order (default {FULL['mixed_sizes']})")
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings(ns) -> dict:
     """The options, defaults filled from --quick's or the full measurement's, checked (ConfigError: exit 2)."""
     s = {k: (getattr(ns, k) if getattr(ns, k) is not None else v) for k, v in (QUICK if ns.quick else FULL).items()}
-    s["workers"] = parse_ints("--workers", s["workers"])
+    s["workers"] = [] if str(s["workers"]).strip() == "0" else parse_ints("--workers", s["workers"])
     s["mixed_sizes"] = parse_ints("--mixed-sizes", s["mixed_sizes"])
     for key in ("renders", "steps", "rounds", "size"):
         if s[key] < 1:
