@@ -302,8 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         s = settings(ns)
-        for size in [s["size"], *s["mixed_sizes"]]:  # bad sizes, steps, view batch: exit 2 before Ray starts
-            config(size, 1, s["steps"], ns)
+        for option, sizes in (("--size", [s["size"]]), ("--mixed-sizes", s["mixed_sizes"])):
+            for size in sizes:  # bad sizes, steps, view batch: exit 2 before Ray starts
+                try:
+                    config(size, 1, s["steps"], ns)
+                except ConfigError as e:
+                    if e.option in ("--width", "--height"):
+                        raise ConfigError(option, str(e).split(": ", 1)[1]) from None
+                    raise
     except ConfigError as e:
         print(f"farm.py: error: {e}", file=sys.stderr)
         return 2

@@ -180,5 +180,6 @@ def test_farm_bad_options_exit_2_before_ray(capsys):
 
     assert farm.main(["--workers", "0,2"]) == 2
     assert "--workers" in capsys.readouterr().err
-    assert farm.main(["--size", "1001"]) == 2  # not a multiple of 8: RenderConfig says so
+    assert farm.main(["--size", "1001"]) == 2  # not a multiple of 8: RenderConfig says so, named as --size
+    assert "--size: must be a positive multiple of 8" in capsys.readouterr().err
     assert farm.main(["--quick", "--driver-threads", "0"]) == 2
