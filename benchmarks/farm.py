@@ -117,11 +117,12 @@ def one_after_another(ex, configs: list[RenderConfig]) -> dict:
 
 def plain_ray(ex, configs: list[RenderConfig]) -> dict:
     """One after another, each call a plain Ray call with Ray objects: the transport the lanes use."""
-    ex.shared_memory = ex.direct_calls = False
+    before = ex.shared_memory, ex.direct_calls
+    ex.shared_memory = ex.direct_calls = False  # read at each render's start
     try:
         return one_after_another(ex, configs)
     finally:
-        ex.shared_memory = ex.direct_calls = True
+        ex.shared_memory, ex.direct_calls = before
 
 
 def alternate(ex, configs: list[RenderConfig], rounds: int, label: str, with_plain_ray: bool = False) -> dict:
@@ -161,9 +162,10 @@ def rows_for(run: str, n: int, configs: list[RenderConfig], runs: dict, seconds_
     return rows
 
 
-def overhead_rows(n: int, configs: list[RenderConfig], rounds: int, with_plain_ray: bool = False) -> tuple[list[list], dict]:
+def overhead_rows(n: int, configs: list[RenderConfig], rounds: int, with_plain_ray: bool = False,
+                  cpus_per_worker: float = 1.0) -> tuple[list[list], dict]:
     """Zero-cost UNet: the renders interleaved against the first one alone; ms per patch evaluation in sampling."""
-    ex = timed(simulated_executor(n, 0.0, cpus_per_worker=1))
+    ex = timed(simulated_executor(n, 0.0, cpus_per_worker=cpus_per_worker))
     alone = {"alone": lambda: one_after_another(ex, configs[:1])}
     if with_plain_ray:
         alone[SEQ_RAY.replace("one after another", "alone")] = lambda: plain_ray(ex, configs[:1])
@@ -264,7 +266,8 @@ def run(ns, s: dict) -> Table:
     try:
         if s["overhead_workers"]:
             print(f"overhead: {s['renders']} renders of {s['size']}x{s['size']}, zero-cost UNet", flush=True)
-            over, data["overhead"] = overhead_rows(s["overhead_workers"], farm, s["rounds"], ns.plain_ray)
+            over, data["overhead"] = overhead_rows(s["overhead_workers"], farm, s["rounds"], ns.plain_ray,
+                                                      ns.cpus_per_worker)
             rows += over
         for n in counts:  # one executor per worker count, so that only one set of actors is up at a time
             ex = timed(simulated_executor(n, s["seconds_per_patch"], cpus_per_worker=ns.cpus_per_worker))
