@@ -319,6 +319,10 @@ class Executor(ABC):
     def end_lanes(self) -> None:
         """Release what the lanes shared, once every lane's render has ended."""
 
+    def pool_status(self) -> dict:
+        """For a progress line while lanes run: {"workers", "busy", "queued"} (work units), or {} if not told."""
+        return {}
+
     def close(self) -> None:
         pass
 

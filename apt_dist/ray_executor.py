@@ -298,6 +298,12 @@ class RayExecutor(Executor):
             self._pool.close()
             self._pool = None
 
+    def pool_status(self) -> dict:
+        """Live workers, those with calls out, and the units queued (read from another thread: approximate)."""
+        live = [w for w in self.workers if w.alive]
+        jobs = list(self._pool.jobs) if self._pool is not None else []
+        return {"workers": len(live), "busy": sum(1 for w in live if w.in_flight), "queued": sum(len(j.queue) for j in jobs)}
+
     def _start_lane(self, key: int, context: RenderContext) -> None:
         import ray
 
@@ -963,6 +969,11 @@ class _RayLane(Executor):
 
     def _encoder_norm_stats(self, image, max_side):
         return self.ex._encoder_norm_stats(image, max_side, lane=self.key)
+
+    def summary(self) -> dict:
+        """This render's counts, and the pool's workers and events so far (shared by every lane)."""
+        pool = self.ex.summary()
+        return super().summary() | {"workers": pool["workers"], "events": pool["events"]}
 
     def close(self) -> None:
         self.ex._end_lane(self.key)
