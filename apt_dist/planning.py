@@ -44,8 +44,8 @@ class PhasePlan:
         the makespan of the step's units shared longest first (`executor.lpt_shares`, as the Ray executor shares them).
 
         A unit's time is taken as proportional to its rows. This is the optimum for the units auto sizing cuts from one
-        patch shape (equal calls and one smaller remainder) and whenever no worker gets two units; for several
-        remainders it may exceed the optimum, by at most a third.
+        patch shape (equal calls and one smaller remainder) and whenever no worker gets two units; for units of several
+        sizes it may exceed the optimum, by at most a third.
         """
         return makespan(self.unit_rows, workers) / 2
 
