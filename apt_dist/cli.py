@@ -651,6 +651,8 @@ def _plan(config: RenderConfig, ns) -> int:
         e = d["estimate"]
         print(f"on {e['workers']} workers at {ns.seconds_per_patch * 1000:.0f} ms/patch: ideal {e['ideal_s']:.1f} s, "
               f"with per-step barriers {e['barrier_s']:.1f} s (efficiency bound {e['bound_efficiency']:.0%})")
+        print("one step's barrier, the units shared longest first (in patch times): " + ", ".join(
+            f"phase {ph.index} {t:g}" for ph, t in zip(p.phases, e["step_patch_times"])))
     return 0
 
 

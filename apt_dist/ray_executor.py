@@ -4,11 +4,11 @@ The driver keeps everything that decides the image (latents, generators, schedul
 fusion); workers only answer work units. Per timestep:
 
   1. the units (fixed by `executor.make_units`, never by the worker count) go into a queue;
-  2. the queue is shared out equally (sizes differing by at most one; the larger shares hold the
-     units the driver uses last) among the idle live workers, one call each (two for a long
-     share, see `_shares`): units are equal work, so this meets the per-step barrier bound
-     with the fewest calls; one wait loop gathers the replies, of Ray calls (`ray.wait`) and
-     of socket calls (`channel.wait`);
+  2. the queue is shared out by the units' work, longest first (equal units: sizes differing by
+     at most one; the shares that finish last hold the units the driver uses last) among the idle
+     live workers, one call each (two for a long share, see `_shares`): this meets the plan's
+     per-step barrier bound with the fewest calls; one wait loop gathers the replies, of Ray calls
+     (`ray.wait`) and of socket calls (`channel.wait`);
   3. a call that fails because its worker died puts its units back in the queue; the worker
      is pinged, and comes back into rotation if Ray restarts it (`max_restarts`);
   4. each reply is handed to the sampler as it arrives (guidance, then the scheduler step of
@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from . import channel, shared_memory
-from .executor import DeferredPatches, Executor, RenderContext, WorkUnit, patch_shapes
+from .executor import DeferredPatches, Executor, RenderContext, WorkUnit, lpt_shares, patch_shapes
 from .worker import ContextMissing, Cuts, UNetWorker
 
 # A call with no reply for this long (at least) counts as hung; see RayExecutor's call_timeout_s.
@@ -584,7 +584,7 @@ class RayExecutor(Executor):
                     cap = -(-job.n // len(live))
                     k = min(k, -(-len(job.queue) // cap))
                     todo = deque(job.queue.popleft() for _ in range(min(len(job.queue), cap * k)))
-                for w, idx in _shares(todo, idle[:k], job.ready):
+                for w, idx in _shares(todo, idle[:k], job.ready, job.weights):
                     try:
                         ref = job.submit(w, idx)
                     except Exception as e:  # making the call's inputs failed (the driver's own work)
@@ -814,52 +814,55 @@ STREAM_SHARE_UNITS = 32
 LAST_TAIL_MIN_UNITS = 2
 
 
-def _shares(queue: deque, idle: list[WorkerState], ready=None) -> list[tuple[WorkerState, list[int]]]:
-    """Share the queue out to the idle workers: equal shares, in submission order.
+def _shares(queue: deque, idle: list[WorkerState], ready=None, weights=None) -> list[tuple[WorkerState, list[int]]]:
+    """Share the queue out to the idle workers, longest first (`executor.lpt_shares` of `weights[unit]`, the units'
+    work; None: equal): equal units give shares that differ by at most one, the larger first, in submission order.
 
-    Units are equal work, so shares that differ by at most one meet the per-step barrier
-    bound with the fewest calls. The larger shares go first, since they finish last.
+    The step ends when the most loaded share does, and this meets the plan's per-step barrier
+    (`PhasePlan.step_barrier`) with the fewest calls. The shares only fix how many units of each
+    weight a call holds; which of the units of one weight it gets follows the rules below.
 
     A long share (few workers) is sent as two calls that the actor runs back to back, the bulk
-    and then its last eighth: the driver guides and steps the bulk's reply while the worker
-    computes the tail, instead of all of it after the worker's last unit. The shares that
-    finish last (the larger ones, or all when they are equal) send their last unit so, from
-    2 units up: the step then waits after its last reply for one unit's patch, not for the
+    and then its last eighth (its lightest units): the driver guides and steps the bulk's reply
+    while the worker computes the tail, instead of all of it after the worker's last unit. The
+    shares that finish last (the most work, then the most units) send their lightest unit so, from
+    2 units up: the step then waits after its last reply for one unit's patches, not for the
     4-5 patches of a whole share (9 units, at 4096x4096 on 16 workers).
 
     Which units go where: the driver uses the predictions in unit order (the sampler sums its
     windows in window order and fuses the rows above the next window as soon as they are
     final), so the replies that come last should hold the units it uses last. The tails,
     which come last, take the last of the units that are ready to send (`ready(unit)`: no
-    deferred patch to make first); the bulks of the larger shares, next to come, take the
-    ready units just before; the other shares the rest in queue order, deferred ones last.
+    deferred patch to make first); the bulks of the shares that finish last, next to come, take
+    the ready units just before; the other shares the rest in queue order, deferred ones last.
     """
-    n, k = len(queue), len(idle)
     items = list(queue)
     queue.clear()
-    sizes = [n // k + (1 if j < n % k else 0) for j in range(k)]
-    tails = [take // 8 if take >= STREAM_SHARE_UNITS else int(take == sizes[0] and take >= LAST_TAIL_MIN_UNITS)
-             for take in sizes]
-    larger = sizes[0] > sizes[-1]
-    late_bulk = sum(take - tail for take, tail in zip(sizes, tails) if larger and take == sizes[0])
-    late = late_bulk + sum(tails)  # the units of the replies that come last
-    ready_items = [u for u in items if ready is None or ready(u)] if late else []
-    if 0 < late <= len(ready_items):
-        last = ready_items[len(ready_items) - late :]
-        taken = set(last)
-        items = last[:late_bulk] + [u for u in items if u not in taken] + last[late_bulk:]
-    bulk, tail_calls, start, end = [], [], 0, n
-    for w, take, tail in zip(idle, sizes, tails):
-        if not take:
-            continue
-        bulk.append((w, items[start : start + take - tail]))
-        start += take - tail
-        if tail:
-            tail_calls.append((w, tail))
-    for w, tail in tail_calls:  # from the end of the items: the first shares, which finish last, take the last units
-        bulk.append((w, items[end - tail : end]))
-        end -= tail
-    return bulk
+    weight = [0.0 if weights is None else weights[u] for u in items]
+    shares = [[weight[i] for i in share] for share in lpt_shares(weight, len(idle))]  # each worker's units' weights
+    ends = [(sum(s), len(s)) for s in shares]  # which finishes last: the most work, then the most units
+    tails = [len(s) // 8 if len(s) >= STREAM_SHARE_UNITS else int(e == max(ends) and len(s) >= LAST_TAIL_MIN_UNITS)
+             for s, e in zip(shares, ends)]
+    larger = min(ends) < max(ends)
+    bulks = [(w, s[: len(s) - t], larger and e == max(ends)) for w, s, t, e in zip(idle, shares, tails, ends) if s]
+    calls = bulks + [(w, s[len(s) - t :], True) for w, s, t in zip(idle, shares, tails) if t]  # (worker, weights, late)
+    # The order in which the calls take units: the bulks, then the tails from the last (the first share's tail, which
+    # finishes last, takes the very last units). Units of one weight at a time, in queue order.
+    order = list(range(len(bulks))) + list(range(len(calls) - 1, len(bulks) - 1, -1))
+    units: list[list[int]] = [[] for _ in calls]
+    for c in sorted(set(weight), reverse=True):
+        todo = [u for u, x in zip(items, weight) if x == c]
+        slots = [k for k in order for x in calls[k][1] if x == c]
+        late = [k for k in slots if calls[k][2]]
+        ready_c = [u for u in todo if ready is None or ready(u)] if late else []
+        if late and len(late) <= len(ready_c):  # the late slots take the last ready units
+            last = ready_c[len(ready_c) - len(late) :]
+            taken = set(last)
+            todo = [u for u in todo if u not in taken] + last
+            slots = [k for k in slots if not calls[k][2]] + late
+        for k, u in zip(slots, todo):
+            units[k].append(u)
+    return [(w, idx) for (w, _, _), idx in zip(calls, units)]
 
 
 @dataclass(eq=False)
