@@ -333,6 +333,10 @@ class Executor(ABC):
     @abstractmethod
     def _norm_stats(self, latent: torch.Tensor, max_side: int) -> dict: ...
 
+    def open_lanes(self, model) -> None:
+        """Before lanes start: load `model` (a ModelSpec) where the UNet calls run, from the calling thread (Ray's
+        own start wants the main thread)."""
+
     def lane(self, key: int) -> Executor:
         """An executor for render `key` (1, 2, ...: the order of submission) of several running at once on this
         executor's devices (`many.render_many`): its own context and statistics, its UNet calls queued with the
@@ -389,6 +393,12 @@ class InProcessExecutor(Executor):
 
     def _turn(self):
         return contextlib.nullcontext()
+
+    def open_lanes(self, model) -> None:
+        if self._denoiser is None:
+            from .models import Denoiser
+
+            self._denoiser = Denoiser(model)
 
     def lane(self, key: int) -> Executor:
         if not hasattr(self, "_turns"):

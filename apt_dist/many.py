@@ -121,17 +121,24 @@ def render_many(
 
     threads = []
     try:
+        todo = []
         for i, job in enumerate(jobs):
             if folder is not None and job.out and not restart and _done_before(folder, job):
                 now = time.perf_counter() - t0
                 results.put(JobResult(i, job, skipped=True, started_s=now, finished_s=now))
-                continue
-            threads.append(threading.Thread(target=run, args=(i, job, executor.lane(i + 1)), name=f"apt-dist-render-{i + 1}",
-                                            daemon=True))
+            else:
+                todo.append(i)
+        if todo:
+            from .loading import prepare
+
+            executor.open_lanes(prepare(jobs[todo[0]].config)[0])  # Ray and the model start from this thread
+        for i in todo:
+            threads.append(threading.Thread(target=run, args=(i, jobs[i], executor.lane(i + 1)), daemon=True,
+                                            name=f"apt-dist-render-{i + 1}"))
             threads[-1].start()
             if len(threads) == 1:
-                # The others start once the first has made a step: its thread alone loads the model and imports
-                # diffusers' lazily imported classes, which is not safe from several threads at once.
+                # The others start once the first has made a step: diffusers' and transformers' lazily imported
+                # classes, which the first render's thread imports, are not safe to import from several at once.
                 first_step.wait()
         for _ in range(len(jobs)):
             yield results.get()

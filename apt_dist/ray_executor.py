@@ -278,6 +278,10 @@ class RayExecutor(Executor):
         return [w.handle.set_context.remote(self._contexts[key], key) for w in self.workers if w.alive]
 
     # ---- lanes: several renders at once on these workers (render_many) ------------------------------------
+    def open_lanes(self, model) -> None:
+        with self._start_lock:
+            self._start_workers(model)
+
     def lane(self, key: int) -> Executor:
         """An executor for render `key` (1, 2, ...: the order of submission) of several that share these workers
         (`many.render_many`). The first lane opens the pool: a dispatcher thread that runs every lane's calls,
