@@ -622,10 +622,10 @@ class RayExecutor(Executor):
                 try:
                     outs, busy = ref.result() if isinstance(ref, channel.Call) else ray.get(ref)
                 except Exception as e:
-                    if self._requeue(e, w, job, idx):
-                        job.queue.extendleft(reversed(idx))
-                    else:
+                    if not self._requeue(e, w, job, idx):
                         job.fail(e)
+                    elif job.error is None:
+                        job.queue.extendleft(reversed(idx))
                     job.settle()
                     continue
                 w.calls += 1
@@ -694,8 +694,10 @@ class RayExecutor(Executor):
             what = in_flight[mine[0]][1].what if mine else "a call"
             for ref in mine:
                 _, job, idx = in_flight.pop(ref)
-                job.queue.extendleft(reversed(idx))
+                if job.error is None:
+                    job.queue.extendleft(reversed(idx))
                 job.in_flight -= 1
+                job.settle()
             w.in_flight, w.pending_units = 0, 0
             message = (f"worker {w.index} (pid {w.info.get('pid')}, node {str(w.info.get('node_id'))[:8]}) sent no reply "
                        f"for {waited:.1f} s during {what} (deadline {self.call_deadline_s(kind, units):.1f} s): "

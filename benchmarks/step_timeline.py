@@ -18,7 +18,6 @@ import time
 
 import ray
 import torch
-
 from bench import SimulatedWorker, Table, emit
 
 from apt_dist.config import RenderConfig
