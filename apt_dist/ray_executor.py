@@ -579,28 +579,20 @@ class RayExecutor(Executor):
             if not jobs and (not pooled or closing):
                 return
             live = [w for w in self.workers if w.alive]
-            idle = [w for w in live if w.in_flight == 0]
-            for job in sorted(jobs, key=lambda j: j.lane) if pooled else jobs:
-                if not (job.queue and idle):
+            for job, w, idx in _assign(jobs, [w for w in live if w.in_flight == 0], len(live), pooled):
+                if job.error is not None:  # failed while this round's calls went out
                     continue
-                todo, k = job.queue, len(idle)
-                if pooled:  # at most a fair share per worker; the rest waits for the next worker to come free
-                    cap = -(-job.n // len(live))
-                    k = min(k, -(-len(job.queue) // cap))
-                    todo = deque(job.queue.popleft() for _ in range(min(len(job.queue), cap * k)))
-                for w, idx in _shares(todo, idle[:k], job.ready, job.weights):
-                    try:
-                        ref = job.submit(w, idx)
-                    except Exception as e:  # making the call's inputs failed (the driver's own work)
-                        job.fail(e)
-                        break
-                    in_flight[ref] = (w, job, idx)
-                    if w.in_flight == 0:
-                        w.progress_at = time.perf_counter()
-                    w.in_flight += 1
-                    w.pending_units += len(idx)
-                    job.in_flight += 1
-                idle = idle[k:]
+                try:
+                    ref = job.submit(w, idx)
+                except Exception as e:  # making the call's inputs failed (the driver's own work)
+                    job.fail(e)
+                    continue
+                in_flight[ref] = (w, job, idx)
+                if w.in_flight == 0:
+                    w.progress_at = time.perf_counter()
+                w.in_flight += 1
+                w.pending_units += len(idx)
+                job.in_flight += 1
             self._ping_lost_workers()
             self._expire_hung_calls(in_flight)
             if not live and not in_flight and all(w.dead for w in self.workers):
@@ -810,6 +802,28 @@ class RayExecutor(Executor):
             for w in self.workers
         ]
         return s
+
+
+def _assign(jobs: list[_Job], idle: list[WorkerState], live: int, pooled: bool) -> list[tuple[_Job, WorkerState, list[int]]]:
+    """This round's calls, (job, worker, items): the idle workers take queued items.
+
+    A lone render's job takes every idle worker (`_shares`). Pooled, jobs go earliest render (`lane`) first,
+    and one takes at most its fair share per worker, ceil(its items / live workers), on as few of the idle
+    workers as that allows: the items left wait for the next worker to come free, and the idle workers left
+    take the next render's items (work-conserving).
+    """
+    calls = []
+    for job in sorted(jobs, key=lambda j: j.lane) if pooled else jobs:
+        if not (job.queue and idle):
+            continue
+        todo, k = job.queue, len(idle)
+        if pooled:
+            cap = -(-job.n // live)
+            k = min(k, -(-len(job.queue) // cap))
+            todo = deque(job.queue.popleft() for _ in range(min(len(job.queue), cap * k)))
+        calls += [(job, w, idx) for w, idx in _shares(todo, idle[:k], job.ready, job.weights)]
+        idle = idle[k:]
+    return calls
 
 
 # A share of at least this many units goes as two calls: the bulk, then its last eighth.

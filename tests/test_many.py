@@ -170,3 +170,42 @@ def test_render_many_takes_jobs_and_configs_and_writes_outputs(tmp_path):
     third = list(render_many([Job(small_config(width=256, height=192, **SMALL), out=str(tmp_path / "x.png"))],
                              checkpoint_dir=str(tmp_path / "ck")))
     assert not third[0].skipped and third[0].result is not None
+
+
+def _job(n: int, lane: int):
+    from apt_dist.ray_executor import _Job
+
+    return _Job(n, submit=None, receive=None, weights=[1.0] * n, what="timestep 1", lane=lane)
+
+
+def _per_worker(calls) -> dict:
+    """(lane, worker) -> units, over the round's calls (a share may go as two calls: see _shares)."""
+    out = {}
+    for job, w, idx in calls:
+        out[(job.lane, w.index)] = out.get((job.lane, w.index), 0) + len(idx)
+    return out
+
+
+def test_the_pool_gives_idle_workers_the_earliest_render_first_up_to_its_fair_share():
+    from apt_dist.ray_executor import WorkerState, _assign
+
+    workers = [WorkerState(handle=None, index=i) for i in range(4)]
+    first, second = _job(10, lane=1), _job(6, lane=2)
+    calls = _assign([second, first], workers, live=4, pooled=True)
+    # The earliest render takes every idle worker it can fill with its fair share, ceil(10 / 4) = 3 each.
+    assert sorted(_per_worker(calls).values()) == [2, 2, 3, 3] and {lane for lane, _ in _per_worker(calls)} == {1}
+    assert list(second.queue) == list(range(6))
+    # Later, 4 of its units left and 3 workers free: 2 workers hold them, the third takes the next render's.
+    first.queue.extend([6, 7, 8, 9])
+    calls = _assign([first, second], workers[:3], live=4, pooled=True)
+    assert _per_worker(calls) == {(1, 0): 2, (1, 1): 2, (2, 2): 2}
+    assert len(second.queue) == 4  # the rest waits for the next worker to come free
+
+
+def test_a_lone_render_takes_every_idle_worker():
+    from apt_dist.ray_executor import WorkerState, _assign
+
+    workers = [WorkerState(handle=None, index=i) for i in range(4)]
+    job = _job(6, lane=0)
+    calls = _assign([job], workers[:3], live=4, pooled=False)
+    assert _per_worker(calls) == {(0, 0): 2, (0, 1): 2, (0, 2): 2} and not job.queue
