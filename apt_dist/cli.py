@@ -178,6 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--pad", action="store_true", help="... or pad the picture with white to it")
     _add_render_options(u, out_default="apt-dist-upscaled.png")
 
+    m = sub.add_parser("render-many", help="render a batch of jobs at once on one pool of workers",
+                       formatter_class=HelpFormatter,
+                       description="Render every job of JOBS (one JSON object per line: RenderConfig's fields, e.g. "
+                                   '{"prompt": "a lighthouse", "width": 2048, "height": 2048, "seed": 3, "out": "a.png"}) '
+                                   "at once: the renders share the workers, and each fills the others' idle time at its "
+                                   "step barriers. The options below are every job's defaults; a line's keys override them.")
+    m.add_argument("jobs", metavar="JOBS", help="the batch: a JSON-lines file")
+    add_config_options(m, skip=INIT_FIELDS)
+    m.add_argument("--out-dir", required=True, help="folder of the images (made if missing); a job's \"out\" is a path "
+                                                    "under it (default: job-LINE.png)")
+    m.add_argument("--checkpoint-dir", default=None,
+                   help="keep each job's checkpoint here; the same command run again skips the jobs whose image was "
+                        "written and resumes the others (default: none)")
+    m.add_argument("--strict", action="store_true", help="a bad line stops the batch before any work (default: it is "
+                                                         "reported and the other jobs go on)")
+    _add_render_options(m, single=False)
+
     pl = sub.add_parser("plan", help="print the plan of a render (phases, patches, UNet evaluations); loads no model",
                         formatter_class=HelpFormatter)
     add_config_options(pl, skip=INIT_FIELDS)
@@ -188,21 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_render_options(r: argparse.ArgumentParser, out_default: str = "apt-dist.png") -> None:
-    """What render and upscale share beside the RenderConfig fields: output, checkpoints, Ray, --debug."""
-    r.add_argument("--out", default=out_default, help="output PNG path (written atomically)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+def _add_render_options(r: argparse.ArgumentParser, out_default: str = "apt-dist.png", single: bool = True) -> None:
+    """What render, upscale and render-many share beside the RenderConfig fields: output, checkpoints, Ray, --debug."""
+    if single:
+        r.add_argument("--out", default=out_default, help="output PNG path (written atomically)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--driver-threads", type=int, default=None,
                    help="torch threads of this process: the driver's tensor work, and without --workers the UNet's too "
                         "(default: torch's own, one per core). With GPU workers on a many-core head node, 4 made the "
                         "driver faster (benchmarks/README.md). CPU reductions, so an image's last bits, depend on thread counts")
-    r.add_argument("--checkpoint", default=None,
-                   help="write the render's state here after every phase (and within a phase, see --checkpoint-every); "
-                        "if it exists (same settings, checked in full), resume from it (default: none)")
+    if single:
+        r.add_argument("--checkpoint", default=None,
+                       help="write the render's state here after every phase (and within a phase, see --checkpoint-every); "
+                            "if it exists (same settings, checked in full), resume from it (default: none)")
     r.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
                    help="seconds of work between two checkpoints within a phase (default 60)")
     r.add_argument("--restart", action="store_true",
-                   help="ignore an existing --checkpoint and render from the start (it is overwritten as the render goes)")
+                   help="ignore an existing --checkpoint and render from the start (it is overwritten as the render goes)"
+                   if single else "ignore the checkpoints and done-records in --checkpoint-dir: render every job again")
     g = r.add_argument_group("distributed (Ray)")
     g.add_argument("--workers", type=int, default=None, help="render on N Ray workers, one UNet replica each "
                    "(default: in this process, no Ray; with --address: 1)")
@@ -256,6 +276,10 @@ class RuntimeFailure(RuntimeError):
 
 
 def _main(ns) -> int:
+    if ns.command == "render-many":
+        _set_driver_threads(ns.driver_threads)
+        configure_logging()
+        return _render_many(ns)
     config = (_upscale_config(ns) if ns.command == "upscale" else config_from_args(ns)).validate()
     _set_driver_threads(getattr(ns, "driver_threads", None))
     if ns.command in ("render", "upscale"):
@@ -377,6 +401,110 @@ def _render(config: RenderConfig, ns) -> int:
     )
     _print_workers(result.executor_summary)
     return 0
+
+
+def _render_many(ns) -> int:
+    """Exit 0 when every job rendered (or had been), 1 when some failed or were bad lines, 2 on bad input before work."""
+    from pathlib import Path
+
+    from .many import read_jobs, render_many
+
+    if not (ns.checkpoint_every > 0 and ns.checkpoint_every < float("inf")):
+        raise ConfigError("--checkpoint-every", f"must be a number of seconds > 0, got {ns.checkpoint_every}")
+    for opt, folder in (("--out-dir", ns.out_dir), ("--checkpoint-dir", ns.checkpoint_dir)):
+        if folder is not None:
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(opt, f"cannot make folder {folder!r}: {e.strerror or e}") from None
+    names = {f.name for f in dataclasses.fields(RenderConfig)}
+    defaults = {k: v for k, v in vars(ns).items() if k in names}
+    jobs, problems = read_jobs(ns.jobs, ns.out_dir, defaults)
+    for p in problems:
+        print(f"apt-dist render-many: error: {p}", file=sys.stderr)
+    if problems and ns.strict:
+        raise ConfigError("JOBS", f"{len(problems)} bad line(s) (--strict: nothing rendered)")
+    if not jobs:
+        raise ConfigError("JOBS", f"no job to render in {ns.jobs}")
+    executor = _executor_from_args(ns)
+    from .cleanup import remove_stale_files
+    from .executor import InProcessExecutor
+
+    remove_stale_files()
+    executor = executor or InProcessExecutor()
+    print(f"{len(jobs)} job(s) from {ns.jobs}" + (f", {len(problems)} bad line(s) left out" if problems else "")
+          + f", on {getattr(executor, 'num_workers', 1)} worker(s)" + ("" if hasattr(executor, "num_workers") else " (in this process)"))
+    done, failed = [], 0
+    pool_bar = None if ns.no_progress else _PoolLine(executor, len(jobs))
+    try:
+        for r in render_many(jobs, executor, checkpoint_dir=ns.checkpoint_dir, checkpoint_every_s=ns.checkpoint_every,
+                             restart=ns.restart, progress=not ns.no_progress):
+            failed += r.error is not None
+            done.append(r)
+            if pool_bar is not None:
+                pool_bar.update()
+            if r.error:
+                _write_line(f"failed {r.job.name}: {r.error}")
+            else:
+                resumed = r.result is not None and r.result.resumed_phases
+                _write_line(f"{'done before' if r.skipped else 'done'} {r.job.name} in {r.seconds:.1f} s: {r.job.out}"
+                            + (f" (resumed after phase {resumed})" if resumed else ""))
+        wall = max((r.finished_s for r in done), default=0.0)
+        summary = executor.summary()
+    finally:
+        if pool_bar is not None:
+            pool_bar.close()
+        executor.close()
+    _print_jobs(sorted(done, key=lambda r: r.index), summary, wall)
+    return 1 if failed or problems else 0
+
+
+class _PoolLine:
+    """A progress line for the pool: jobs finished, busy workers, queued work units (refreshed twice a second)."""
+
+    def __init__(self, executor, total: int):
+        import threading
+
+        from tqdm.auto import tqdm
+
+        self.executor, self.bar = executor, tqdm(total=total, unit="job", desc="pool", dynamic_ncols=True, position=0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.5):
+            s = self.executor.pool_status()
+            if s:
+                self.bar.set_postfix_str(f"workers busy {s['busy']}/{s['workers']}, units queued {s['queued']}")
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.bar.close()
+
+
+def _write_line(text: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(text)
+
+
+def _print_jobs(results: list, summary: dict, wall: float) -> None:
+    print(f"  {'job':<24} {'size':>11} {'wall s':>8} {'patch evals':>11}  output")
+    for r in results:
+        c = r.job.config
+        evals = r.result.patch_evals if r.result is not None else "-"
+        what = "failed" if r.error else (r.job.out + (" (done before)" if r.skipped else ""))
+        print(f"  {r.job.name[-24:]:<24} {f'{c.width}x{c.height}':>11} {r.seconds:>8.1f} {evals:>11}  {what}")
+    workers = summary.get("workers") or []
+    if workers and wall > 0:
+        busy = sum(w["busy_s"] for w in workers)
+        print(f"  pool: {len(workers)} workers, {wall:.1f} s, utilisation {busy / (len(workers) * wall):.0%} "
+              "(busy worker-seconds / workers x wall)")
 
 
 def _size(image) -> str:
@@ -523,6 +651,8 @@ def _plan(config: RenderConfig, ns) -> int:
         e = d["estimate"]
         print(f"on {e['workers']} workers at {ns.seconds_per_patch * 1000:.0f} ms/patch: ideal {e['ideal_s']:.1f} s, "
               f"with per-step barriers {e['barrier_s']:.1f} s (efficiency bound {e['bound_efficiency']:.0%})")
+        print("one step's barrier, the units shared longest first (in patch times): " + ", ".join(
+            f"phase {ph.index} {t:g}" for ph, t in zip(p.phases, e["step_patch_times"])))
     return 0
 
 

@@ -126,6 +126,29 @@ def _cut_units(shapes: tuple[tuple[int, ...], ...], batch_size: int, split_guida
     return tuple(units)
 
 
+def lpt_shares(weights: Sequence[float], workers: int) -> list[list[int]]:
+    """Share items of these weights (a unit's work: its rows) among `workers` equal workers: longest first, each to
+    the worker with the least work so far (on a tie the one with fewer items, then the first).
+
+    Equal items give shares that differ by at most one, the larger first. Its makespan (the largest share's weight)
+    is the optimum when no worker gets two items, and when the items are equal but for one smaller remainder (what
+    `make_units` cuts from one run of one patch shape); otherwise it is at most 4/3 of the optimum (Graham, 1969).
+    Returns each worker's item indices, heaviest first.
+    """
+    heap = [(0.0, 0, j) for j in range(workers)]
+    shares: list[list[int]] = [[] for _ in range(workers)]
+    for i in sorted(range(len(weights)), key=lambda i: -weights[i]):  # stable: equal items in their order
+        load, count, j = heapq.heappop(heap)
+        shares[j].append(i)
+        heapq.heappush(heap, (load + weights[i], count + 1, j))
+    return shares
+
+
+def makespan(weights: Sequence[float], workers: int) -> float:
+    """The largest share's weight when `lpt_shares` shares these items (0 for none)."""
+    return max((sum(weights[i] for i in share) for share in lpt_shares(weights, workers)), default=0.0)
+
+
 def guide(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guidance in float32: uncond + g * (cond - uncond)."""
     u, c = uncond.to(torch.float32), cond.to(torch.float32)
@@ -310,6 +333,10 @@ class Executor(ABC):
     @abstractmethod
     def _norm_stats(self, latent: torch.Tensor, max_side: int) -> dict: ...
 
+    def open_lanes(self, model) -> None:
+        """Before lanes start: load `model` (a ModelSpec) where the UNet calls run, from the calling thread (Ray's
+        own start wants the main thread)."""
+
     def lane(self, key: int) -> Executor:
         """An executor for render `key` (1, 2, ...: the order of submission) of several running at once on this
         executor's devices (`many.render_many`): its own context and statistics, its UNet calls queued with the
@@ -318,6 +345,10 @@ class Executor(ABC):
 
     def end_lanes(self) -> None:
         """Release what the lanes shared, once every lane's render has ended."""
+
+    def pool_status(self) -> dict:
+        """For a progress line while lanes run: {"workers", "busy", "queued"} (work units), or {} if not told."""
+        return {}
 
     def close(self) -> None:
         pass
@@ -362,6 +393,12 @@ class InProcessExecutor(Executor):
 
     def _turn(self):
         return contextlib.nullcontext()
+
+    def open_lanes(self, model) -> None:
+        if self._denoiser is None:
+            from .models import Denoiser
+
+            self._denoiser = Denoiser(model)
 
     def lane(self, key: int) -> Executor:
         if not hasattr(self, "_turns"):

@@ -92,6 +92,8 @@ def render_many(
     results: queue.Queue = queue.Queue()
     t0 = time.perf_counter()
 
+    first_step = threading.Event()
+
     def run(index: int, job: Job, lane: Executor) -> None:
         from .outputs import write_result
         from .sampler import render
@@ -100,7 +102,8 @@ def render_many(
         try:
             ckpt = str(folder / f"{job.key()}.ckpt") if folder is not None else None
             out.result = render(job.config, executor=lane, progress=progress, checkpoint=ckpt,
-                                checkpoint_every_s=checkpoint_every_s, restart=restart)
+                                checkpoint_every_s=checkpoint_every_s, restart=restart,
+                                callback=lambda *_: first_step.set())
             if job.out:
                 write_result(out.result, job.out)
                 if folder is not None:  # the job is done: a rerun skips it while its image is unchanged
@@ -113,18 +116,30 @@ def render_many(
         finally:
             lane.close()
             out.finished_s = time.perf_counter() - t0
+            first_step.set()
             results.put(out)
 
     threads = []
     try:
+        todo = []
         for i, job in enumerate(jobs):
             if folder is not None and job.out and not restart and _done_before(folder, job):
                 now = time.perf_counter() - t0
                 results.put(JobResult(i, job, skipped=True, started_s=now, finished_s=now))
-                continue
-            threads.append(threading.Thread(target=run, args=(i, job, executor.lane(i + 1)), name=f"apt-dist-render-{i + 1}",
-                                            daemon=True))
+            else:
+                todo.append(i)
+        if todo:
+            from .loading import prepare
+
+            executor.open_lanes(prepare(jobs[todo[0]].config)[0])  # Ray and the model start from this thread
+        for i in todo:
+            threads.append(threading.Thread(target=run, args=(i, jobs[i], executor.lane(i + 1)), daemon=True,
+                                            name=f"apt-dist-render-{i + 1}"))
             threads[-1].start()
+            if len(threads) == 1:
+                # The others start once the first has made a step: diffusers' and transformers' lazily imported
+                # classes, which the first render's thread imports, are not safe to import from several at once.
+                first_step.wait()
         for _ in range(len(jobs)):
             yield results.get()
     finally:
@@ -151,3 +166,75 @@ def _done_before(folder: Path, job: Job) -> bool:
         return d.get("out") == str(job.out) and Path(job.out).is_file() and d.get("sha256") == _sha256(job.out)
     except (OSError, ValueError, AttributeError):
         return False
+
+
+# ---- a batch file: one JSON object per line ------------------------------------------------------------------
+OPTION_KEYS = {"--guidance": "guidance_scale", "--lora": "loras"}
+
+
+def read_jobs(path: str, out_dir: str, defaults: dict | None = None) -> tuple[list[Job], list[str]]:
+    """The valid jobs of a JSON-lines batch file, and one message per bad line ("FILE:LINE: what is wrong").
+
+    Each line holds RenderConfig's fields (JSON names, e.g. "guidance_scale", "eta": {"2": 2.0} or "2:2.0,3:3.0")
+    over `defaults`, plus "out": the image's path under `out_dir` (default: job-LINE.png). Every job is checked
+    as `apt-dist render` checks its options (the model's files and configs too, loading no weights), and must
+    use the same model as the first valid job: the pool's workers hold one. Blank lines are skipped.
+    """
+    import dataclasses
+
+    from .config import ConfigError, parse_eta
+    from .loading import ModelLoadError, prepare
+    from .outputs import check_output_path
+    from .planning import build_plan
+
+    fields = {f.name for f in dataclasses.fields(RenderConfig)}
+    jobs, problems, outs, spec0 = [], [], {}, None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("JOBS", f"cannot read {path!r}: {getattr(e, 'strerror', None) or e}") from None
+    for n, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            item = json.loads(text)
+            if not isinstance(item, dict):
+                raise ValueError(f"expected a JSON object, got {type(item).__name__}")
+            unknown = sorted(set(item) - fields - {"out"})
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))} (allowed: RenderConfig's fields and out)")
+            kw = dict(defaults or {}) | {k: v for k, v in item.items() if k != "out"}
+            if isinstance(kw.get("eta"), str):
+                kw["eta"] = parse_eta(kw["eta"])
+            elif isinstance(kw.get("eta"), dict):
+                kw["eta"] = {int(k): float(v) for k, v in kw["eta"].items()}
+            out = item.get("out", f"job-{n}.png")
+            if not isinstance(out, str):
+                raise ValueError(f"out: expected a file name, got {out!r}")
+            out = str(Path(out_dir) / out)
+            problem = check_output_path(out)
+            if problem:
+                raise ValueError(f"out: {problem}")
+            if out in outs:
+                raise ValueError(f"out: {out!r} is also line {outs[out]}'s output")
+            config = RenderConfig(**kw).validate()
+            spec, info, _, _ = prepare(config)  # the model's files and configs, loading no weights
+            build_plan(config, info.native_window, info.vae_scale, info.scheduler, info.latent_channels)
+            if spec0 is not None and spec != spec0:
+                raise ValueError(f"model: the jobs share one pool of workers, which holds the first job's model "
+                                 f"({spec0.name!r}, with its LoRAs, VAE and dtype); this job asks for another ({spec.name!r})")
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: not JSON ({e.msg} at column {e.colno})")
+            continue
+        except ConfigError as e:  # named by its JSON key rather than its option
+            key = OPTION_KEYS.get(e.option, e.option.lstrip("-").replace("-", "_"))
+            problems.append(f"{where}: {key}: {' '.join(str(e)[len(e.option) + 2:].split())}")
+            continue
+        except (ModelLoadError, ValueError, TypeError) as e:
+            problems.append(f"{where}: {' '.join(str(e).split())}")
+            continue
+        spec0 = spec0 or spec
+        outs[out] = n
+        jobs.append(Job(config, out=out, name=where))
+    return jobs, problems

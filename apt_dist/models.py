@@ -23,6 +23,7 @@ import contextlib
 import copy
 import functools
 import os
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -612,8 +613,14 @@ def encode_prompt(spec: ModelSpec, prompt: str, negative_prompt: str = "", seed:
     if spec.name == "sdxl-random":
         return _random_embeddings(prompt, negative_prompt, seed)
     check_model_name(spec.name)
-    pipe = _text_pipeline(spec)
-    return encode_with(pipe, prompt, negative_prompt)
+    # One cached text pipeline serves every render of this process, and render_many runs several at once: its
+    # fast tokenizers keep their padding and truncation settings as state, so one encode at a time.
+    with _ENCODE_LOCK:
+        pipe = _text_pipeline(spec)
+        return encode_with(pipe, prompt, negative_prompt)
+
+
+_ENCODE_LOCK = threading.Lock()
 
 
 @torch.no_grad()

@@ -6,13 +6,12 @@ counts the executor sees (tested).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass
 
 from . import schedules as S
 from .config import ConfigError, RenderConfig
-from .executor import make_units
+from .executor import make_units, makespan
 from .geometry import count_local_windows, dilation_factor, phase_shapes
 
 
@@ -30,11 +29,25 @@ class PhasePlan:
     eta: float | None  # Scale-aware Scheduling (None: the model's own table)
     local_windows: int  # per step (phase 1: the whole latent)
     dilated_patches: int  # per step
-    units_per_step: int  # UNet calls per step (see executor.make_units)
+    unit_rows: tuple[int, ...]  # the UNet batch rows of each call of a step (see executor.make_units)
+
+    @property
+    def units_per_step(self) -> int:
+        return len(self.unit_rows)
 
     @property
     def patches_per_step(self) -> int:
         return self.local_windows + self.dilated_patches
+
+    def step_barrier(self, workers: int) -> float:
+        """One step's time on `workers` equal workers, in patch times (a patch with both guidance branches: 2 rows):
+        the makespan of the step's units shared longest first (`executor.lpt_shares`, as the Ray executor shares them).
+
+        A unit's time is taken as proportional to its rows. This is the optimum for the units auto sizing cuts from one
+        patch shape (equal calls and one smaller remainder) and whenever no worker gets two units; for units of several
+        sizes it may exceed the optimum, by at most a third.
+        """
+        return makespan(self.unit_rows, workers) / 2
 
     @property
     def patch_evals(self) -> int:
@@ -66,15 +79,15 @@ class Plan:
     def timing(self, workers: int, seconds_per_patch: float) -> dict:
         """Ideal and barrier-bound wall time on `workers` equal workers, one patch (both branches) = seconds_per_patch.
 
-        Every timestep is a barrier: a step takes ceil(units / workers) unit-times. The
-        ratio ideal / barrier is the best efficiency any scheduler of these units can reach.
+        Every timestep is a barrier: a step takes the makespan of its units (`PhasePlan.step_barrier`, per phase in
+        `step_patch_times`). The ratio ideal / barrier is the best efficiency a scheduler of these units can reach
+        (for the units of one patch shape; see step_barrier).
         """
         ideal = self.unet_patch_evals * seconds_per_patch / workers
-        barrier = 0.0
-        for p in self.phases:
-            unit_s = seconds_per_patch * p.patches_per_step / p.units_per_step
-            barrier += p.steps * math.ceil(p.units_per_step / workers) * unit_s
-        return {"workers": workers, "ideal_s": ideal, "barrier_s": barrier, "bound_efficiency": ideal / barrier}
+        per_step = [p.step_barrier(workers) for p in self.phases]
+        barrier = sum(p.steps * t for p, t in zip(self.phases, per_step)) * seconds_per_patch
+        return {"workers": workers, "ideal_s": ideal, "barrier_s": barrier, "bound_efficiency": ideal / barrier,
+                "step_patch_times": per_step}
 
     def to_dict(self) -> dict:
         return {
@@ -87,11 +100,16 @@ class Plan:
             "model_scheduler": self.scheduler_config.to_dict(),
             "shortcut": self.shortcut,
             "upscale_steps": self.phases[1].steps if len(self.phases) > 1 else None,
-            "phases": [asdict(p) | {"patches_per_step": p.patches_per_step, "patch_evals": p.patch_evals} for p in self.phases],
+            "phases": [_without(asdict(p), "unit_rows") | {"units_per_step": p.units_per_step, "patches_per_step": p.patches_per_step,
+                                                          "patch_evals": p.patch_evals} for p in self.phases],
             "unet_patch_evals": self.unet_patch_evals,
             "unet_calls": self.unet_calls,
             "units": self.units.to_dict() if self.units is not None else None,
         }
+
+
+def _without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
 
 
 def dilated_shapes(shape: tuple[int, int], d: int) -> list[tuple[int, int]]:
@@ -179,7 +197,7 @@ def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.S
     for index, (h, w) in enumerate(shapes, start=1):
         if index == 1:
             d, steps, local, dil = 1, config.init_steps if from_image else config.steps, 1, 0
-            units = len(make_units([(h, w)], vbs, split))
+            units = make_units([(h, w)], vbs, split)
         else:
             d = dilation_factor((h, w), native)
             steps = config.upscale_steps
@@ -188,7 +206,7 @@ def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.S
             dil = len(dshapes)
             lshape = (min(native, h), min(native, w))
             # One predict() per step: local windows first, then the sub-lattices (as the sampler sends them).
-            units = len(make_units([lshape] * local + dshapes, vbs, split))
+            units = make_units([lshape] * local + dshapes, vbs, split)
         start = config.steps - steps
         phases.append(
             PhasePlan(
@@ -204,7 +222,7 @@ def build_plan(config: RenderConfig, native: int, vae_scale: int, scheduler: S.S
                 eta=config.eta_for(index),
                 local_windows=local,
                 dilated_patches=dil,
-                units_per_step=units,
+                unit_rows=tuple(len(u.rows) for u in units),
             )
         )
     if config.init_image is not None:

@@ -4,11 +4,11 @@ The driver keeps everything that decides the image (latents, generators, schedul
 fusion); workers only answer work units. Per timestep:
 
   1. the units (fixed by `executor.make_units`, never by the worker count) go into a queue;
-  2. the queue is shared out equally (sizes differing by at most one; the larger shares hold the
-     units the driver uses last) among the idle live workers, one call each (two for a long
-     share, see `_shares`): units are equal work, so this meets the per-step barrier bound
-     with the fewest calls; one wait loop gathers the replies, of Ray calls (`ray.wait`) and
-     of socket calls (`channel.wait`);
+  2. the queue is shared out by the units' work, longest first (equal units: sizes differing by
+     at most one; the shares that finish last hold the units the driver uses last) among the idle
+     live workers, one call each (two for a long share, see `_shares`): this meets the plan's
+     per-step barrier bound with the fewest calls; one wait loop gathers the replies, of Ray calls
+     (`ray.wait`) and of socket calls (`channel.wait`);
   3. a call that fails because its worker died puts its units back in the queue; the worker
      is pinged, and comes back into rotation if Ray restarts it (`max_restarts`);
   4. each reply is handed to the sampler as it arrives (guidance, then the scheduler step of
@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from . import channel, shared_memory
-from .executor import DeferredPatches, Executor, RenderContext, WorkUnit, patch_shapes
+from .executor import DeferredPatches, Executor, RenderContext, WorkUnit, lpt_shares, patch_shapes
 from .worker import ContextMissing, Cuts, UNetWorker
 
 # A call with no reply for this long (at least) counts as hung; see RayExecutor's call_timeout_s.
@@ -278,6 +278,10 @@ class RayExecutor(Executor):
         return [w.handle.set_context.remote(self._contexts[key], key) for w in self.workers if w.alive]
 
     # ---- lanes: several renders at once on these workers (render_many) ------------------------------------
+    def open_lanes(self, model) -> None:
+        with self._start_lock:
+            self._start_workers(model)
+
     def lane(self, key: int) -> Executor:
         """An executor for render `key` (1, 2, ...: the order of submission) of several that share these workers
         (`many.render_many`). The first lane opens the pool: a dispatcher thread that runs every lane's calls,
@@ -297,6 +301,12 @@ class RayExecutor(Executor):
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+
+    def pool_status(self) -> dict:
+        """Live workers, those with calls out, and the units queued (read from another thread: approximate)."""
+        live = [w for w in self.workers if w.alive]
+        jobs = list(self._pool.jobs) if self._pool is not None else []
+        return {"workers": len(live), "busy": sum(1 for w in live if w.in_flight), "queued": sum(len(j.queue) for j in jobs)}
 
     def _start_lane(self, key: int, context: RenderContext) -> None:
         import ray
@@ -569,28 +579,20 @@ class RayExecutor(Executor):
             if not jobs and (not pooled or closing):
                 return
             live = [w for w in self.workers if w.alive]
-            idle = [w for w in live if w.in_flight == 0]
-            for job in sorted(jobs, key=lambda j: j.lane) if pooled else jobs:
-                if not (job.queue and idle):
+            for job, w, idx in _assign(jobs, [w for w in live if w.in_flight == 0], len(live), pooled):
+                if job.error is not None:  # failed while this round's calls went out
                     continue
-                todo, k = job.queue, len(idle)
-                if pooled:  # at most a fair share per worker; the rest waits for the next worker to come free
-                    cap = -(-job.n // len(live))
-                    k = min(k, -(-len(job.queue) // cap))
-                    todo = deque(job.queue.popleft() for _ in range(min(len(job.queue), cap * k)))
-                for w, idx in _shares(todo, idle[:k], job.ready):
-                    try:
-                        ref = job.submit(w, idx)
-                    except Exception as e:  # making the call's inputs failed (the driver's own work)
-                        job.fail(e)
-                        break
-                    in_flight[ref] = (w, job, idx)
-                    if w.in_flight == 0:
-                        w.progress_at = time.perf_counter()
-                    w.in_flight += 1
-                    w.pending_units += len(idx)
-                    job.in_flight += 1
-                idle = idle[k:]
+                try:
+                    ref = job.submit(w, idx)
+                except Exception as e:  # making the call's inputs failed (the driver's own work)
+                    job.fail(e)
+                    continue
+                in_flight[ref] = (w, job, idx)
+                if w.in_flight == 0:
+                    w.progress_at = time.perf_counter()
+                w.in_flight += 1
+                w.pending_units += len(idx)
+                job.in_flight += 1
             self._ping_lost_workers()
             self._expire_hung_calls(in_flight)
             if not live and not in_flight and all(w.dead for w in self.workers):
@@ -612,10 +614,10 @@ class RayExecutor(Executor):
                 try:
                     outs, busy = ref.result() if isinstance(ref, channel.Call) else ray.get(ref)
                 except Exception as e:
-                    if self._requeue(e, w, job, idx):
-                        job.queue.extendleft(reversed(idx))
-                    else:
+                    if not self._requeue(e, w, job, idx):
                         job.fail(e)
+                    elif job.error is None:
+                        job.queue.extendleft(reversed(idx))
                     job.settle()
                     continue
                 w.calls += 1
@@ -684,8 +686,10 @@ class RayExecutor(Executor):
             what = in_flight[mine[0]][1].what if mine else "a call"
             for ref in mine:
                 _, job, idx = in_flight.pop(ref)
-                job.queue.extendleft(reversed(idx))
+                if job.error is None:
+                    job.queue.extendleft(reversed(idx))
                 job.in_flight -= 1
+                job.settle()
             w.in_flight, w.pending_units = 0, 0
             message = (f"worker {w.index} (pid {w.info.get('pid')}, node {str(w.info.get('node_id'))[:8]}) sent no reply "
                        f"for {waited:.1f} s during {what} (deadline {self.call_deadline_s(kind, units):.1f} s): "
@@ -800,6 +804,28 @@ class RayExecutor(Executor):
         return s
 
 
+def _assign(jobs: list[_Job], idle: list[WorkerState], live: int, pooled: bool) -> list[tuple[_Job, WorkerState, list[int]]]:
+    """This round's calls, (job, worker, items): the idle workers take queued items.
+
+    A lone render's job takes every idle worker (`_shares`). Pooled, jobs go earliest render (`lane`) first,
+    and one takes at most its fair share per worker, ceil(its items / live workers), on as few of the idle
+    workers as that allows: the items left wait for the next worker to come free, and the idle workers left
+    take the next render's items (work-conserving).
+    """
+    calls = []
+    for job in sorted(jobs, key=lambda j: j.lane) if pooled else jobs:
+        if not (job.queue and idle):
+            continue
+        todo, k = job.queue, len(idle)
+        if pooled:
+            cap = -(-job.n // live)
+            k = min(k, -(-len(job.queue) // cap))
+            todo = deque(job.queue.popleft() for _ in range(min(len(job.queue), cap * k)))
+        calls += [(job, w, idx) for w, idx in _shares(todo, idle[:k], job.ready, job.weights)]
+        idle = idle[k:]
+    return calls
+
+
 # A share of at least this many units goes as two calls: the bulk, then its last eighth.
 STREAM_SHARE_UNITS = 32
 # One of the shares that finish last (the larger ones; all, when equal) with at least this many units sends its last
@@ -808,52 +834,55 @@ STREAM_SHARE_UNITS = 32
 LAST_TAIL_MIN_UNITS = 2
 
 
-def _shares(queue: deque, idle: list[WorkerState], ready=None) -> list[tuple[WorkerState, list[int]]]:
-    """Share the queue out to the idle workers: equal shares, in submission order.
+def _shares(queue: deque, idle: list[WorkerState], ready=None, weights=None) -> list[tuple[WorkerState, list[int]]]:
+    """Share the queue out to the idle workers, longest first (`executor.lpt_shares` of `weights[unit]`, the units'
+    work; None: equal): equal units give shares that differ by at most one, the larger first, in submission order.
 
-    Units are equal work, so shares that differ by at most one meet the per-step barrier
-    bound with the fewest calls. The larger shares go first, since they finish last.
+    The step ends when the most loaded share does, and this meets the plan's per-step barrier
+    (`PhasePlan.step_barrier`) with the fewest calls. The shares only fix how many units of each
+    weight a call holds; which of the units of one weight it gets follows the rules below.
 
     A long share (few workers) is sent as two calls that the actor runs back to back, the bulk
-    and then its last eighth: the driver guides and steps the bulk's reply while the worker
-    computes the tail, instead of all of it after the worker's last unit. The shares that
-    finish last (the larger ones, or all when they are equal) send their last unit so, from
-    2 units up: the step then waits after its last reply for one unit's patch, not for the
+    and then its last eighth (its lightest units): the driver guides and steps the bulk's reply
+    while the worker computes the tail, instead of all of it after the worker's last unit. The
+    shares that finish last (the most work, then the most units) send their lightest unit so, from
+    2 units up: the step then waits after its last reply for one unit's patches, not for the
     4-5 patches of a whole share (9 units, at 4096x4096 on 16 workers).
 
     Which units go where: the driver uses the predictions in unit order (the sampler sums its
     windows in window order and fuses the rows above the next window as soon as they are
     final), so the replies that come last should hold the units it uses last. The tails,
     which come last, take the last of the units that are ready to send (`ready(unit)`: no
-    deferred patch to make first); the bulks of the larger shares, next to come, take the
-    ready units just before; the other shares the rest in queue order, deferred ones last.
+    deferred patch to make first); the bulks of the shares that finish last, next to come, take
+    the ready units just before; the other shares the rest in queue order, deferred ones last.
     """
-    n, k = len(queue), len(idle)
     items = list(queue)
     queue.clear()
-    sizes = [n // k + (1 if j < n % k else 0) for j in range(k)]
-    tails = [take // 8 if take >= STREAM_SHARE_UNITS else int(take == sizes[0] and take >= LAST_TAIL_MIN_UNITS)
-             for take in sizes]
-    larger = sizes[0] > sizes[-1]
-    late_bulk = sum(take - tail for take, tail in zip(sizes, tails) if larger and take == sizes[0])
-    late = late_bulk + sum(tails)  # the units of the replies that come last
-    ready_items = [u for u in items if ready is None or ready(u)] if late else []
-    if 0 < late <= len(ready_items):
-        last = ready_items[len(ready_items) - late :]
-        taken = set(last)
-        items = last[:late_bulk] + [u for u in items if u not in taken] + last[late_bulk:]
-    bulk, tail_calls, start, end = [], [], 0, n
-    for w, take, tail in zip(idle, sizes, tails):
-        if not take:
-            continue
-        bulk.append((w, items[start : start + take - tail]))
-        start += take - tail
-        if tail:
-            tail_calls.append((w, tail))
-    for w, tail in tail_calls:  # from the end of the items: the first shares, which finish last, take the last units
-        bulk.append((w, items[end - tail : end]))
-        end -= tail
-    return bulk
+    weight = [0.0 if weights is None else weights[u] for u in items]
+    shares = [[weight[i] for i in share] for share in lpt_shares(weight, len(idle))]  # each worker's units' weights
+    ends = [(sum(s), len(s)) for s in shares]  # which finishes last: the most work, then the most units
+    tails = [len(s) // 8 if len(s) >= STREAM_SHARE_UNITS else int(e == max(ends) and len(s) >= LAST_TAIL_MIN_UNITS)
+             for s, e in zip(shares, ends)]
+    larger = min(ends) < max(ends)
+    bulks = [(w, s[: len(s) - t], larger and e == max(ends)) for w, s, t, e in zip(idle, shares, tails, ends) if s]
+    calls = bulks + [(w, s[len(s) - t :], True) for w, s, t in zip(idle, shares, tails) if t]  # (worker, weights, late)
+    # The order in which the calls take units: the bulks, then the tails from the last (the first share's tail, which
+    # finishes last, takes the very last units). Units of one weight at a time, in queue order.
+    order = list(range(len(bulks))) + list(range(len(calls) - 1, len(bulks) - 1, -1))
+    units: list[list[int]] = [[] for _ in calls]
+    for c in sorted(set(weight), reverse=True):
+        todo = [u for u, x in zip(items, weight) if x == c]
+        slots = [k for k in order for x in calls[k][1] if x == c]
+        late = [k for k in slots if calls[k][2]]
+        ready_c = [u for u in todo if ready is None or ready(u)] if late else []
+        if late and len(late) <= len(ready_c):  # the late slots take the last ready units
+            last = ready_c[len(ready_c) - len(late) :]
+            taken = set(last)
+            todo = [u for u in todo if u not in taken] + last
+            slots = [k for k in slots if not calls[k][2]] + late
+        for k, u in zip(slots, todo):
+            units[k].append(u)
+    return [(w, idx) for (w, _, _), idx in zip(calls, units)]
 
 
 @dataclass(eq=False)
@@ -963,6 +992,11 @@ class _RayLane(Executor):
 
     def _encoder_norm_stats(self, image, max_side):
         return self.ex._encoder_norm_stats(image, max_side, lane=self.key)
+
+    def summary(self) -> dict:
+        """This render's counts, and the pool's workers and events so far (shared by every lane)."""
+        pool = self.ex.summary()
+        return super().summary() | {"workers": pool["workers"], "events": pool["events"]}
 
     def close(self) -> None:
         self.ex._end_lane(self.key)

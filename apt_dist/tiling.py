@@ -34,8 +34,8 @@ def ramp(size: int, fade_start: int, fade_end: int) -> torch.Tensor:
 def _tiles(h: int, w: int, tile: int, overlap: int, context: int):
     """Latent boxes (top, left, th, tw) covering h x w, and each box's context margins (top, bottom, left, right)."""
     tops, lefts = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-    boxes = [(t, l, min(tile, h), min(tile, w)) for t in tops for l in lefts]
-    margins = [(min(context, t), min(context, h - t - th), min(context, l), min(context, w - l - tw)) for t, l, th, tw in boxes]
+    boxes = [(t, x0, min(tile, h), min(tile, w)) for t in tops for x0 in lefts]
+    margins = [(min(context, t), min(context, h - t - th), min(context, x0), min(context, w - x0 - tw)) for t, x0, th, tw in boxes]
     return boxes, margins
 
 
@@ -44,11 +44,11 @@ def _blend(parts: list[torch.Tensor], boxes, h: int, w: int, overlap: int, scale
     out = torch.zeros(parts[0].shape[0], h * scale, w * scale, dtype=torch.float64)
     weight = torch.zeros(1, h * scale, w * scale, dtype=torch.float64)
     fade = overlap * scale
-    for (t, l, th, tw), part in zip(boxes, parts):
+    for (t, x0, th, tw), part in zip(boxes, parts):
         wy = ramp(th * scale, fade if t > 0 else 0, fade if t + th < h else 0)
-        wx = ramp(tw * scale, fade if l > 0 else 0, fade if l + tw < w else 0)
+        wx = ramp(tw * scale, fade if x0 > 0 else 0, fade if x0 + tw < w else 0)
         wt = (wy[:, None] * wx[None, :])[None]
-        ys, xs = slice(t * scale, (t + th) * scale), slice(l * scale, (l + tw) * scale)
+        ys, xs = slice(t * scale, (t + th) * scale), slice(x0 * scale, (x0 + tw) * scale)
         out[:, ys, xs] += part.to(torch.float64) * wt
         weight[:, ys, xs] += wt
     return (out / weight).to(torch.float32)[None]
@@ -65,9 +65,9 @@ def decode_tiled(latent: torch.Tensor, decode_fn, tile: int, overlap: int, scale
     """
     _, _, h, w = latent.shape
     boxes, margins = _tiles(h, w, tile, overlap, context)
-    padded = decode_fn([latent[0, :, t - mt : t + th + mb, l - ml : l + tw + mr] for (t, l, th, tw), (mt, mb, ml, mr) in zip(boxes, margins)])
+    padded = decode_fn([latent[0, :, t - mt : t + th + mb, x0 - ml : x0 + tw + mr] for (t, x0, th, tw), (mt, mb, ml, mr) in zip(boxes, margins)])
     images = [img[:, mt * scale : mt * scale + th * scale, ml * scale : ml * scale + tw * scale]
-              for img, (t, l, th, tw), (mt, mb, ml, mr) in zip(padded, boxes, margins)]
+              for img, (t, x0, th, tw), (mt, mb, ml, mr) in zip(padded, boxes, margins)]
     return _blend(images, boxes, h, w, overlap, scale)
 
 
@@ -85,7 +85,7 @@ def encode_tiled(image: torch.Tensor, encode_fn, tile: int, overlap: int, scale:
     h, w = height // scale, width // scale
     boxes, margins = _tiles(h, w, tile, overlap, context)
     s = scale
-    padded = encode_fn([image[0, :, (t - mt) * s : (t + th + mb) * s, (l - ml) * s : (l + tw + mr) * s]
-                        for (t, l, th, tw), (mt, mb, ml, mr) in zip(boxes, margins)])
-    latents = [z[:, mt : mt + th, ml : ml + tw] for z, (t, l, th, tw), (mt, mb, ml, mr) in zip(padded, boxes, margins)]
+    padded = encode_fn([image[0, :, (t - mt) * s : (t + th + mb) * s, (x0 - ml) * s : (x0 + tw + mr) * s]
+                        for (t, x0, th, tw), (mt, mb, ml, mr) in zip(boxes, margins)])
+    latents = [z[:, mt : mt + th, ml : ml + tw] for z, (t, x0, th, tw), (mt, mb, ml, mr) in zip(padded, boxes, margins)]
     return _blend(latents, boxes, h, w, overlap, 1)

@@ -70,7 +70,8 @@ class Table:
     def text(self) -> str:
         cells = self.cells()
         widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(self.columns)]
-        line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
+        def line(vals):
+            return "  ".join(v.rjust(w) for v, w in zip(vals, widths))
         out = [self.title, line(self.columns), line(["-" * w for w in widths])]
         out += [line(r) for r in cells]
         out += self.notes

@@ -47,14 +47,15 @@ class ReplayExecutor(ZeroExecutor):
     def _run_units(self, timestep, units, patches, crops, deliver):
         staging = _Staging(units, patches, np.float16, self.buf)
         made = len(patches.head) if isinstance(patches, DeferredPatches) else len(patches)
-        calls = _shares(deque(range(len(units))), self.workers, lambda k: units[k].patches[-1] < made)
+        calls = _shares(deque(range(len(units))), self.workers, lambda k: units[k].patches[-1] < made,
+                        [len(u.rows) / 2 for u in units])
         ends, busy = [], {}
         for n, (w, idx) in enumerate(calls):
             for k in idx:
                 staging.message(k, crops, True)
             if n == 0:
                 self.marks.append(("first call", time.perf_counter()))
-            busy[w.index] = busy.get(w.index, 0) + len(idx)  # a worker runs its calls back to back
+            busy[w.index] = busy.get(w.index, 0) + sum(len(units[k].rows) for k in idx)  # its calls back to back
             ends.append((busy[w.index], n, idx))
         ends.sort()  # replies in the order the calls end; ties in the order they were sent
         for j, (_, _, idx) in enumerate(ends):

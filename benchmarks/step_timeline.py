@@ -11,7 +11,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -19,7 +18,6 @@ import time
 
 import ray
 import torch
-
 from bench import SimulatedWorker, Table, emit
 
 from apt_dist.config import RenderConfig
@@ -93,8 +91,7 @@ def main() -> int:
         st = [m for phase, m in steps if phase == ph.index]
         st = st[1:] or st  # the first step of a phase also holds the phase's set-up
         units = ph.units_per_step
-        unit_ms = 1000 * args.seconds_per_patch * ph.patches_per_step / units
-        bound = math.ceil(units / args.workers) * unit_ms
+        bound = 1000 * args.seconds_per_patch * ph.step_barrier(args.workers)
 
         def med(event, pick, st=st):
             return statistics.median(pick([t for e, t in m if e == event]) for m in st) * 1000
@@ -110,7 +107,7 @@ def main() -> int:
         "medians per step, ms from the end of the previous step",
         ["phase", "size", "units/step", "bound ms", "before predict", "first submit", "last submit",
          "first reply", "last reply", "last reply used", "step end", "over bound", "using replies"], rows,
-        ["bound ms: the barrier bound of one step (the largest share x the unit time); over bound: step end - bound",
+        ["bound ms: the barrier bound of one step (its units shared longest first, PhasePlan.step_barrier); over bound: step end - bound",
          ("a reply's time is when the driver takes it up; used: when its guidance, steps and fusion are done; "
           "using replies: their sum over the step (ms)")])
     emit(table, args.markdown)

@@ -19,7 +19,6 @@ import os
 import sys
 
 import ray
-
 from bench import Table, _pct, emit, machine, sampling_seconds, simulated_executor
 
 from apt_dist.config import RenderConfig

@@ -188,3 +188,42 @@ def test_poster_renders_locally(tmp_path):
         assert img.size == (256, 192)
         assert img.info["prompt"] == "a tiny lighthouse"
     assert re.search(r"^\s+0\s+\w+\s+[\d.]+\s+\d+.*\blive$", r.stdout, re.MULTILINE), r.stdout  # the per-worker table
+
+
+# ---- examples/posters.py and examples/posters.jsonl (render-many) ---------------------------------------------
+POSTERS = ROOT / "examples" / "posters.py"
+
+
+def test_readme_batch_commands_parse_and_the_example_batch_is_valid(tmp_path):
+    import shlex
+
+    from apt_dist.cli import build_parser
+    from apt_dist.many import read_jobs
+
+    sys.path.insert(0, str(POSTERS.parent))
+    from posters import cluster_defaults
+
+    text = (ROOT / "cluster" / "README.md").read_text().replace("\\\n", " ")
+    submit = re.search(r"examples/posters\.py -- (.*)", text).group(1)
+    job = re.search(r"python -m apt_dist render-many (.*)", text).group(1)
+    ns_submit = build_parser().parse_args(cluster_defaults(shlex.split(submit)))
+    ns_job = build_parser().parse_args(["render-many", *shlex.split(job)])
+    assert (ns_submit.address, ns_submit.gpus_per_worker, ns_submit.workers) == ("auto", 1.0, 16)
+    assert ns_job.jobs == "examples/posters.jsonl" and ns_job.workers == 16 and ns_job.checkpoint_dir
+    assert cluster_defaults(["j.jsonl", "--address=local"]) == ["render-many", "j.jsonl", "--address=local", "--gpus-per-worker", "1"]
+    jobs, problems = read_jobs(str(ROOT / "examples" / "posters.jsonl"), str(tmp_path), {"model": "sdxl-random"})
+    assert problems == [] and len(jobs) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_posters_example_renders_a_batch_locally(tmp_path):
+    jobs = tmp_path / "small.jsonl"
+    jobs.write_text('{"prompt": "a lighthouse", "width": 256, "height": 192, "out": "a.png"}\n'
+                    '{"prompt": "a harbour", "width": 192, "height": 192, "seed": 2, "out": "b.png"}\n')
+    cmd = [sys.executable, str(POSTERS), str(jobs), "--address", "local", "--gpus-per-worker", "0", "--workers", "2",
+           "--model", "tiny", "--steps", "4", "--no-progress", "--out-dir", str(tmp_path / "out")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert Image.open(tmp_path / "out" / "a.png").size == (256, 192) and Image.open(tmp_path / "out" / "b.png").size == (192, 192)
+    assert re.search(r"pool: 2 workers, [\d.]+ s, utilisation \d+%", r.stdout), r.stdout

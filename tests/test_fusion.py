@@ -150,6 +150,46 @@ def test_long_shares_stream_a_tail():
     assert bulk1 == list(range(STREAM_SHARE_UNITS - t1))
 
 
+def test_shares_of_unequal_units_meet_the_longest_first_makespan():
+    from collections import deque
+
+    from apt_dist.ray_executor import WorkerState, _shares
+
+    workers = [WorkerState(handle=None, index=i) for i in range(8)]
+    # 4096x4096, last phase, 8 patches a call: 8 calls of 8 and one of 1; the 49 local windows (units 0-5) are made, the
+    # dilated ones (units 6-8) deferred. Dealt by count, the share of two took the two last ready units: 16 patches.
+    weights = [8.0] * 8 + [1.0]
+    calls = _shares(deque(range(9)), workers, ready=lambda u: u < 6, weights=weights)
+    assert max(sum(weights[u] for w, idx in calls if w is v for u in idx) for v in workers) == 9
+    # The share of two (8 + 1) takes the last ready unit of 8 and sends the unit of 1, its lightest, alone and last.
+    assert [(w.index, idx) for w, idx in calls] == [(0, [5]), (1, [0]), (2, [1]), (3, [2]), (4, [3]), (5, [4]), (6, [6]),
+                                                    (7, [7]), (0, [8])]
+
+
+def test_shares_by_weight_reach_the_plan_makespan_and_keep_the_rules_for_equal_units():
+    import random
+    from collections import deque
+
+    from apt_dist.executor import makespan
+    from apt_dist.ray_executor import WorkerState, _shares
+
+    rng = random.Random(0)
+    for _ in range(300):
+        workers = [WorkerState(handle=None, index=i) for i in range(rng.randint(1, 9))]
+        n = rng.randint(1, 40)
+        weights = [float(rng.choice([8, 8, 8, 4, 1])) for _ in range(n)]  # runs of full calls and remainders
+        cut = rng.randint(0, n)
+        queue = rng.sample(range(n), n)  # a re-queued queue: any order
+        calls = _shares(deque(queue), workers, ready=lambda u, cut=cut: u < cut, weights=weights)
+        assert sorted(u for _, idx in calls for u in idx) == list(range(n))
+        loads = [sum(weights[u] for w, idx in calls if w is v for u in idx) for v in workers]
+        assert max(loads) == makespan(weights, len(workers))
+        # Equal units: the same calls as without weights.
+        same = [2.0] * n
+        assert _shares(deque(queue), workers, ready=lambda u, cut=cut: u < cut, weights=same) == \
+            _shares(deque(queue), workers, ready=lambda u, cut=cut: u < cut)
+
+
 def test_deferred_patches_make_their_tail_once_and_only_when_needed():
     head = [torch.full((4, 8, 8), float(k)) for k in range(3)]
     made = []

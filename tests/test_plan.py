@@ -101,3 +101,74 @@ def test_apt_dist_plan_is_the_function_even_after_the_sampler_is_imported():
     assert callable(plan) and apt_dist.plan is plan
     p = plan(RenderConfig(width=384, height=384))
     assert isinstance(p, Plan) and len(p.phases) == 3
+
+
+def _optimum(weights, workers):
+    """The least makespan of any assignment (brute force)."""
+    import itertools
+
+    best = float("inf")
+    for who in itertools.product(range(workers), repeat=len(weights)):
+        loads = [0.0] * workers
+        for w, j in zip(weights, who):
+            loads[j] += w
+        best = min(best, max(loads))
+    return best if weights else 0.0
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+def test_lpt_makespan_is_the_optimum_for_equal_units_and_one_remainder(workers):
+    from apt_dist.executor import makespan
+
+    for n in range(7):
+        for rest in range(1, 8):  # a remainder of 1-7 patches next to units of 8
+            weights = [8.0] * n + [float(rest)]
+            assert makespan(weights, workers) == _optimum(weights, workers), (weights, workers)
+            assert makespan(weights, workers) == (-(-n // workers) * 8 if n % workers else n // workers * 8 + rest)
+
+
+def test_lpt_makespan_is_the_optimum_when_no_worker_gets_two_units():
+    import random
+
+    from apt_dist.executor import makespan
+
+    rng = random.Random(0)
+    for _ in range(50):
+        workers = rng.randint(1, 5)
+        weights = [float(rng.randint(1, 16)) for _ in range(rng.randint(0, workers))]
+        assert makespan(weights, workers) == _optimum(weights, workers) == max(weights, default=0.0)
+
+
+def test_lpt_makespan_is_within_a_third_of_the_optimum_but_not_always_it():
+    import random
+
+    from apt_dist.executor import makespan
+
+    rng = random.Random(1)
+    for _ in range(200):
+        workers = rng.randint(2, 3)
+        weights = [float(rng.randint(1, 16)) for _ in range(rng.randint(workers + 1, 7))]
+        opt = _optimum(weights, workers)
+        assert opt <= makespan(weights, workers) <= opt * 4 / 3
+    assert makespan([3, 3, 2, 2, 2], 2) == 7 and _optimum([3, 3, 2, 2, 2], 2) == 6  # so no lower bound in general
+
+
+def test_lpt_shares_of_equal_units_differ_by_at_most_one_the_larger_first():
+    from apt_dist.executor import lpt_shares
+
+    shares = lpt_shares([1.0] * 10, 4)
+    assert [len(s) for s in shares] == [3, 3, 2, 2]
+    assert sorted(i for s in shares for i in s) == list(range(10))
+    assert [len(s) for s in lpt_shares([0.0] * 5, 3)] == [2, 2, 1]  # weightless items too (VAE tiles)
+
+
+def test_barrier_of_the_4096_plan_with_8_patches_per_call():
+    p = sdxl_plan(width=4096, height=4096, view_batch_size=8, split_guidance=False)
+    # The last phase's 65 patches (one shape) are 8 calls of 8 and one of 1: on 8 workers one of them takes 8 + 1.
+    assert p.phases[-1].unit_rows == (16,) * 8 + (2,)
+    assert [ph.unit_rows for ph in p.phases[:3]] == [(2,), (16, 10), (16,) * 4 + (4,)]
+    t8, t16 = p.timing(8, 0.048), p.timing(16, 0.048)
+    assert t8["step_patch_times"] == [1, 8, 8, 9] and t16["step_patch_times"] == [1, 8, 8, 8]
+    assert t8["barrier_s"] == pytest.approx((50 * 1 + 30 * (8 + 8 + 9)) * 0.048)
+    assert t16["barrier_s"] == pytest.approx((50 * 1 + 30 * (8 + 8 + 8)) * 0.048)
+    assert p.timing(1, 0.048)["barrier_s"] == pytest.approx(p.timing(1, 0.048)["ideal_s"])

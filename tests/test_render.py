@@ -107,7 +107,8 @@ class NaNExecutor(InProcessExecutor):
         self.calls += 1
         if self.calls == self.at:  # poison patch 0's prediction on its way to the sampler
             inner = then or (lambda ks, eps: list(eps))
-            then = lambda ks, eps: inner(ks, eps * float("nan") if 0 in ks else eps)
+            def then(ks, eps):
+                return inner(ks, eps * float("nan") if 0 in ks else eps)
         return super().predict(timestep, patches, crops, then)
 
 

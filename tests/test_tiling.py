@@ -48,5 +48,5 @@ def test_context_is_decoded_and_cropped_off():
     tiled = decode_tiled(latent, up, tile=16, overlap=4, scale=2, context=5)
     torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=0)
     expect_h = [16 + min(5, t) + min(5, 30 - t - 16) for t in tile_starts(30, 16, 4)]  # [21, 23, 21]
-    expect_w = [16 + min(5, l) + min(5, 41 - l - 16) for l in tile_starts(41, 16, 4)]
+    expect_w = [16 + min(5, x0) + min(5, 41 - x0 - 16) for x0 in tile_starts(41, 16, 4)]
     assert [tuple(x) for x in seen] == [(h, w) for h in expect_h for w in expect_w]

@@ -88,6 +88,7 @@ def test_plan_command_shows_the_units_per_step_and_the_gpu_memory(capsys):
     assert "units/step" in out
     assert "GPU memory per worker (estimate, not yet calibrated on a GPU)" in out
     assert "with per-step barriers" in out
+    assert "one step's barrier, the units shared longest first (in patch times): phase 1 1, phase 2 " in out
 
 
 def test_plan_json_has_the_units_and_the_memory_estimate(capsys):
