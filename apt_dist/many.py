@@ -92,8 +92,6 @@ def render_many(
     results: queue.Queue = queue.Queue()
     t0 = time.perf_counter()
 
-    first_step = threading.Event()
-
     def run(index: int, job: Job, lane: Executor) -> None:
         from .outputs import write_result
         from .sampler import render
@@ -102,8 +100,7 @@ def render_many(
         try:
             ckpt = str(folder / f"{job.key()}.ckpt") if folder is not None else None
             out.result = render(job.config, executor=lane, progress=progress, checkpoint=ckpt,
-                                checkpoint_every_s=checkpoint_every_s, restart=restart,
-                                callback=lambda *_: first_step.set())
+                                checkpoint_every_s=checkpoint_every_s, restart=restart)
             if job.out:
                 write_result(out.result, job.out)
                 if folder is not None:  # the job is done: a rerun skips it while its image is unchanged
@@ -116,7 +113,6 @@ def render_many(
         finally:
             lane.close()
             out.finished_s = time.perf_counter() - t0
-            first_step.set()
             results.put(out)
 
     threads = []
@@ -131,15 +127,16 @@ def render_many(
         if todo:
             from .loading import prepare
 
-            executor.open_lanes(prepare(jobs[todo[0]].config)[0])  # Ray and the model start from this thread
+            first = jobs[todo[0]].config
+            spec, _, encode, _ = prepare(first)
+            # From this thread, before any render's: diffusers and transformers import their classes lazily, which
+            # is not safe from several threads at once; Ray's start wants the main thread.
+            encode(first.prompt, first.negative_prompt, first.seed)
+            executor.open_lanes(spec)
         for i in todo:
             threads.append(threading.Thread(target=run, args=(i, jobs[i], executor.lane(i + 1)), daemon=True,
                                             name=f"apt-dist-render-{i + 1}"))
             threads[-1].start()
-            if len(threads) == 1:
-                # The others start once the first has made a step: diffusers' and transformers' lazily imported
-                # classes, which the first render's thread imports, are not safe to import from several at once.
-                first_step.wait()
         for _ in range(len(jobs)):
             yield results.get()
     finally:

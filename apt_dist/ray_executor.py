@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import queue
 import shutil
@@ -62,6 +63,7 @@ CALL_TIMEOUT_FLOOR_S = 60.0
 CALL_TIMEOUT_FACTOR = 10.0  # x the median seconds per work unit of recent calls
 _RECENT_CALLS = 256  # calls the median is taken over, per kind (predict, decode, ...)
 _POOL_POLL_S = 0.002  # the pool's thread looks for new jobs at least this often
+BACKFILL_CALL_S = 0.05  # UNet seconds a later render's backfill call holds (see _assign)
 
 
 # Worker losses, restarts and re-queues, as they happen (the CLI shows them on stderr); also in summary()["events"].
@@ -213,6 +215,7 @@ class RayExecutor(Executor):
         self._local_instance = False  # a Ray instance this executor started: its resources never grow
         self._contexts: dict[int, object] = {}  # render key -> its context in the object store (0: a lone render)
         self._pool: _Pool | None = None  # the dispatcher thread of several renders at once (`lane`)
+        self._lanes: set[int] = set()  # the lanes whose render is running
         self._start_lock = threading.Lock()
         self._pings: dict = {}
         self._render_t0 = 0.0
@@ -317,8 +320,10 @@ class RayExecutor(Executor):
                                  f"render {key} asks for {context.model.name!r} (or other LoRAs, VAE or dtype)")
             self._start_workers(context.model)
             ray.get(self._send_context(key, context))  # on every worker before the pool's thread calls for it
+            self._lanes.add(key)
 
     def _end_lane(self, key: int) -> None:
+        self._lanes.discard(key)
         ref = self._contexts.pop(key, None)
         if ref is not None:
             for w in self.workers:
@@ -579,7 +584,8 @@ class RayExecutor(Executor):
             if not jobs and (not pooled or closing):
                 return
             live = [w for w in self.workers if w.alive]
-            for job, w, idx in _assign(jobs, [w for w in live if w.in_flight == 0], len(live), pooled):
+            first = min([j.lane for j in jobs] + list(self._lanes), default=0)  # the earliest render still running
+            for job, w, idx in _assign(jobs, live, pooled, first, self._backfill_units()):
                 if job.error is not None:  # failed while this round's calls went out
                     continue
                 try:
@@ -631,6 +637,13 @@ class RayExecutor(Executor):
                     w.patches += sum(job.weights[i] for i in idx)
                 job.settle()
 
+    def _backfill_units(self) -> int:
+        """Work units a backfill call holds: enough for BACKFILL_CALL_S of UNet time by recent calls (a call's
+        own cost, a millisecond or so, stays small beside it), at least one."""
+        recent = self._unit_s.get("timestep")
+        unit_s = statistics.median(recent) if recent else 0.0
+        return max(1, math.ceil(BACKFILL_CALL_S / unit_s)) if unit_s > 0 else 1 << 30
+
     def _requeue(self, e: Exception, w: WorkerState, job: _Job, idx: list[int]) -> bool:
         """Whether a failed call's units go back to the queue (its worker was lost or restarted), or its job fails."""
         import ray
@@ -675,8 +688,9 @@ class RayExecutor(Executor):
         """A worker with no reply within its deadline is hung (stopped, deadlocked, a stuck GPU): like a lost
         worker, its calls' units go back to their queues, and it is killed through Ray, which restarts it."""
         now = time.perf_counter()
+        floor = self.call_timeout_s if self.call_timeout_s is not None else CALL_TIMEOUT_FLOOR_S  # no deadline is shorter
         for w in self.workers:
-            if not (w.alive and w.in_flight):
+            if not (w.alive and w.in_flight) or now - w.progress_at <= floor:
                 continue
             mine = [ref for ref, (v, _, _) in in_flight.items() if v is w]
             kind = in_flight[mine[0]][1].kind if mine else "timestep"
@@ -804,25 +818,47 @@ class RayExecutor(Executor):
         return s
 
 
-def _assign(jobs: list[_Job], idle: list[WorkerState], live: int, pooled: bool) -> list[tuple[_Job, WorkerState, list[int]]]:
-    """This round's calls, (job, worker, items): the idle workers take queued items.
+def _assign(jobs: list[_Job], live: list[WorkerState], pooled: bool, first_lane: int = 0,
+            backfill: int = 1) -> list[tuple[_Job, WorkerState, list[int]]]:
+    """This round's calls, (job, worker, items).
 
-    A lone render's job takes every idle worker (`_shares`). Pooled, jobs go earliest render (`lane`) first,
-    and one takes at most its fair share per worker, ceil(its items / live workers), on as few of the idle
-    workers as that allows: the items left wait for the next worker to come free, and the idle workers left
-    take the next render's items (work-conserving).
+    A lone render's job takes every idle worker (`_shares`). Pooled (several renders at once), the earliest
+    render still running (`first_lane`) goes first: its step takes at most its fair share per worker,
+    ceil(its items / live workers), on the idle workers, as a lone render's would. Only when none of its
+    items wait do the later renders backfill, a call from each in turn, of `backfill` items (at most a fair
+    share), on every worker with fewer than two calls out: a worker runs them back to back, and is free
+    again for the earliest render's next step within about two such calls.
     """
+    idle = [w for w in live if w.in_flight == 0]
     calls = []
-    for job in sorted(jobs, key=lambda j: j.lane) if pooled else jobs:
+    if not pooled:
+        for job in jobs:
+            if job.queue and idle:
+                calls += [(job, w, idx) for w, idx in _shares(job.queue, idle, job.ready, job.weights)]
+                idle = []
+        return calls
+    ordered = sorted(jobs, key=lambda j: j.lane)
+    for job in (j for j in ordered if j.lane <= first_lane):
         if not (job.queue and idle):
             continue
-        todo, k = job.queue, len(idle)
-        if pooled:
-            cap = -(-job.n // live)
-            k = min(k, -(-len(job.queue) // cap))
-            todo = deque(job.queue.popleft() for _ in range(min(len(job.queue), cap * k)))
+        cap = -(-job.n // len(live))
+        k = min(len(idle), -(-len(job.queue) // cap))
+        todo = deque(job.queue.popleft() for _ in range(min(len(job.queue), cap * k)))
         calls += [(job, w, idx) for w, idx in _shares(todo, idle[:k], job.ready, job.weights)]
         idle = idle[k:]
+    if any(j.queue for j in ordered if j.lane <= first_lane):
+        return calls
+    out = {id(w): w.in_flight for w in live}
+    for _, w, _ in calls:
+        out[id(w)] += 1
+    slots = deque(sorted((w for w in live if out[id(w)] < 2), key=lambda w: out[id(w)]))  # idle workers first
+    later = deque(j for j in ordered if j.lane > first_lane and j.queue)
+    while later and slots:  # a call from each later render in turn: they progress together, none starved
+        job = later.popleft()
+        take = min(backfill, -(-job.n // len(live)), len(job.queue))
+        calls.append((job, slots.popleft(), [job.queue.popleft() for _ in range(take)]))
+        if job.queue:
+            later.append(job)
     return calls
 
 

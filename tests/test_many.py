@@ -186,26 +186,54 @@ def _per_worker(calls) -> dict:
     return out
 
 
-def test_the_pool_gives_idle_workers_the_earliest_render_first_up_to_its_fair_share():
+def test_the_earliest_render_takes_its_fair_share_and_later_ones_backfill_one_unit_at_a_time():
     from apt_dist.ray_executor import WorkerState, _assign
 
     workers = [WorkerState(handle=None, index=i) for i in range(4)]
     first, second = _job(10, lane=1), _job(6, lane=2)
-    calls = _assign([second, first], workers, live=4, pooled=True)
-    # The earliest render takes every idle worker it can fill with its fair share, ceil(10 / 4) = 3 each.
-    assert sorted(_per_worker(calls).values()) == [2, 2, 3, 3] and {lane for lane, _ in _per_worker(calls)} == {1}
-    assert list(second.queue) == list(range(6))
-    # Later, 4 of its units left and 3 workers free: 2 workers hold them, the third takes the next render's.
-    first.queue.extend([6, 7, 8, 9])
-    calls = _assign([first, second], workers[:3], live=4, pooled=True)
-    assert _per_worker(calls) == {(1, 0): 2, (1, 1): 2, (2, 2): 2}
-    assert len(second.queue) == 4  # the rest waits for the next worker to come free
+    calls = _assign([second, first], workers, pooled=True, first_lane=1)
+    # The earliest render takes every idle worker it can fill with its fair share, ceil(10 / 4) = 3 each; with
+    # all of it out, the later one queues one unit behind it on each worker with one call out (a share that goes
+    # as two calls, see _shares, takes none).
+    shares = _per_worker(calls)
+    assert sorted(n for (lane, _), n in shares.items() if lane == 1) == [2, 2, 3, 3]
+    calls_out = {w.index: sum(1 for _, v, _ in calls if v is w) for w in workers}
+    assert {i for (lane, i) in shares if lane == 2} == {i for i, n in calls_out.items() if n == 2 and (2, i) in shares}
+    assert all(n <= 2 for n in calls_out.values()) and all(n == 1 for (lane, _), n in shares.items() if lane == 2)
+    # While units of the earliest render wait for a worker, the later one gets none.
+    pair = [WorkerState(handle=None, index=i) for i in range(2)]
+    pair[1].in_flight = 2
+    third = _job(12, lane=1)
+    calls = _assign([second, third], pair, pooled=True, first_lane=1)
+    assert {job.lane for job, _, _ in calls} == {1} and len(third.queue) == 6  # its fair share, 6, on the idle worker
+    # Its step all out, workers 0-2 busy with it, worker 3 idle: the later render backfills one unit a call,
+    # the idle worker first, and never more than two calls out on a worker.
+    second.queue.clear()
+    second.queue.extend(range(6))
+    for w in workers[:3]:
+        w.in_flight = 1
+    workers[2].in_flight = 2
+    calls = _assign([first, second], workers, pooled=True, first_lane=1)
+    assert [(job.lane, w.index, len(idx)) for job, w, idx in calls] == [(2, 3, 1), (2, 0, 1), (2, 1, 1)]
+    assert len(second.queue) == 3
+
+
+def test_a_later_render_does_not_take_the_earliest_renders_workers_between_its_steps():
+    from apt_dist.ray_executor import WorkerState, _assign
+
+    workers = [WorkerState(handle=None, index=i) for i in range(2)]
+    later = _job(8, lane=3)  # render 1 is still running (first_lane=1), making its next step: no job of its own
+    calls = _assign([later], workers, pooled=True, first_lane=1)
+    assert [len(idx) for _, _, idx in calls] == [1, 1]  # one unit a call, not a share of 4
+    calls = _assign([later], workers, pooled=True, first_lane=1, backfill=3)  # short units: 3 a call
+    assert [len(idx) for _, _, idx in calls] == [3, 3] and len(later.queue) == 0
 
 
 def test_a_lone_render_takes_every_idle_worker():
     from apt_dist.ray_executor import WorkerState, _assign
 
     workers = [WorkerState(handle=None, index=i) for i in range(4)]
+    workers[3].in_flight = 1
     job = _job(6, lane=0)
-    calls = _assign([job], workers[:3], live=4, pooled=False)
+    calls = _assign([job], workers, pooled=False)
     assert _per_worker(calls) == {(0, 0): 2, (0, 1): 2, (0, 2): 2} and not job.queue
