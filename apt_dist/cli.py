@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--checkpoint-dir", default=None,
                    help="keep each job's checkpoint here; the same command run again skips the jobs whose image was "
                         "written and resumes the others (default: none)")
+    m.add_argument("--policy", choices=("longest", "earliest"), default="longest",
+                   help="which render has the workers first while the others backfill: longest = the most UNet work "
+                        "left (the renders end close together, the pool busy to the end); earliest = the earliest "
+                        "submitted (renders end in submission order)")
     m.add_argument("--strict", action="store_true", help="a bad line stops the batch before any work (default: it is "
                                                          "reported and the other jobs go on)")
     _add_render_options(m, single=False)
@@ -263,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(e: BaseException) -> str:
     from .loading import ModelLoadError
-    from .ray_executor import ClusterError
+    from .ray_executor import ClusterError, WorkerError
     from .sampler import RenderError
 
     text = " ".join(str(e).split()) or type(e).__name__
-    worded = (RenderError, ClusterError, ModelLoadError, RuntimeFailure)
+    worded = (RenderError, ClusterError, WorkerError, ModelLoadError, RuntimeFailure)
     return text if isinstance(e, worded) else f"{type(e).__name__}: {text}"
 
 
@@ -438,7 +442,7 @@ def _render_many(ns) -> int:
     pool_bar = None if ns.no_progress else _PoolLine(executor, len(jobs))
     try:
         for r in render_many(jobs, executor, checkpoint_dir=ns.checkpoint_dir, checkpoint_every_s=ns.checkpoint_every,
-                             restart=ns.restart, progress=not ns.no_progress):
+                             restart=ns.restart, progress=not ns.no_progress, policy=ns.policy):
             failed += r.error is not None
             done.append(r)
             if pool_bar is not None:

@@ -217,6 +217,7 @@ class RenderContext:
     guidance_scale: float
     view_batch_size: int = 1
     split_guidance: bool = True
+    patch_evals: int = 0  # the render's UNet patch evaluations in all (a pool of several renders weighs them by it)
 
 
 @dataclass
@@ -333,9 +334,9 @@ class Executor(ABC):
     @abstractmethod
     def _norm_stats(self, latent: torch.Tensor, max_side: int) -> dict: ...
 
-    def open_lanes(self, model) -> None:
+    def open_lanes(self, model, policy: str = "longest") -> None:
         """Before lanes start: load `model` (a ModelSpec) where the UNet calls run, from the calling thread (Ray's
-        own start wants the main thread)."""
+        own start wants the main thread). `policy`: which render has the workers first (see many.POLICIES)."""
 
     def lane(self, key: int) -> Executor:
         """An executor for render `key` (1, 2, ...: the order of submission) of several running at once on this
@@ -394,7 +395,7 @@ class InProcessExecutor(Executor):
     def _turn(self):
         return contextlib.nullcontext()
 
-    def open_lanes(self, model) -> None:
+    def open_lanes(self, model, policy: str = "longest") -> None:
         if self._denoiser is None:
             from .models import Denoiser
 

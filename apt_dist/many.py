@@ -6,11 +6,13 @@ render keeps its own driver state (latents, generator, schedules, checkpoint) in
 its own and reaches the workers through a lane of the executor (`Executor.lane`); the lanes'
 work units meet in one queue.
 
-The pool's policy, **earliest submitted first, work-conserving**: a worker that comes free takes
-queued units of the earliest-submitted render that has any; one render's step takes at most its
-fair share per worker (its units / live workers, rounded up), so the units it cannot start yet
-wait for the next worker to come free, and any worker its step leaves idle takes the next
-render's units. Earlier renders therefore finish first, and later ones fill their gaps.
+The pool's policy: **one render first, the others backfill in turn**. One render has the workers
+first, each of its steps shared out as a lone render's is (at most its units / live workers per
+worker); whenever none of its units wait, the other renders fill the workers, a short call from
+each in turn (`ray_executor._assign`), so none is starved and no worker waits while any render has
+work. Which render is first (`POLICIES`): by default the one with the most UNet work left
+("longest": the renders end close together, so no render is left alone at the end with its own
+step barriers), or the earliest submitted ("earliest": renders end in submission order).
 
 Every image is bit-identical to the same config rendered alone: a render's work units are fixed by
 its own config (never by the pool), and its driver arithmetic does not depend on the others.
@@ -29,6 +31,12 @@ from pathlib import Path
 
 from .config import RenderConfig
 from .executor import Executor, InProcessExecutor
+
+# Which render has the workers first; the others backfill (ray_executor._assign).
+POLICIES = {
+    "longest": "the render with the most UNet work left: renders end close together, the pool stays busy to the end",
+    "earliest": "the earliest submitted still running: renders end in submission order, the first ones sooner",
+}
 
 
 @dataclass
@@ -68,6 +76,7 @@ def render_many(
     checkpoint_every_s: float = 60.0,
     restart: bool = False,
     progress: bool = False,
+    policy: str = "longest",
 ) -> Iterator[JobResult]:
     """Render every job at once on `executor` (default: in-process, one device); yield each as it finishes.
 
@@ -78,11 +87,14 @@ def render_many(
         checkpoint, bit-identically, and skips the jobs whose image was written (recorded there, checked).
     restart: ignore existing checkpoints and done-records.
     progress: a progress bar per render.
+    policy: which render has the workers first, "longest" or "earliest" (`POLICIES`; in-process: earliest).
 
     A job that fails (a non-finite latent, a model error on a worker) yields its error and the others go on.
     """
     from .outputs import write_atomic
 
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     jobs = [j if isinstance(j, Job) else Job(j, name=f"render {i + 1}") for i, j in enumerate(jobs)]
     folder = Path(checkpoint_dir) if checkpoint_dir else None
     if folder is not None:
@@ -132,7 +144,7 @@ def render_many(
             # From this thread, before any render's: diffusers and transformers import their classes lazily, which
             # is not safe from several threads at once; Ray's start wants the main thread.
             encode(first.prompt, first.negative_prompt, first.seed)
-            executor.open_lanes(spec)
+            executor.open_lanes(spec, policy)
         for i in todo:
             threads.append(threading.Thread(target=run, args=(i, jobs[i], executor.lane(i + 1)), daemon=True,
                                             name=f"apt-dist-render-{i + 1}"))

@@ -74,6 +74,10 @@ class ClusterError(RuntimeError):
     """The cluster cannot run the render: placement failed, or no worker is left."""
 
 
+class WorkerError(RuntimeError):
+    """A worker's call raised (a model error, out of memory, ...): the render it belongs to fails, in one line."""
+
+
 def resolve_auto_address(temp_dir: str | None = None) -> tuple[str, str]:
     """(address, where it came from) for `address="auto"`, the way Ray resolves it, or ("", why not).
 
@@ -215,7 +219,8 @@ class RayExecutor(Executor):
         self._local_instance = False  # a Ray instance this executor started: its resources never grow
         self._contexts: dict[int, object] = {}  # render key -> its context in the object store (0: a lone render)
         self._pool: _Pool | None = None  # the dispatcher thread of several renders at once (`lane`)
-        self._lanes: set[int] = set()  # the lanes whose render is running
+        self._lanes: dict[int, Executor] = {}  # the lanes whose render is running
+        self._policy = "longest"
         self._start_lock = threading.Lock()
         self._pings: dict = {}
         self._render_t0 = 0.0
@@ -281,15 +286,20 @@ class RayExecutor(Executor):
         return [w.handle.set_context.remote(self._contexts[key], key) for w in self.workers if w.alive]
 
     # ---- lanes: several renders at once on these workers (render_many) ------------------------------------
-    def open_lanes(self, model) -> None:
+    def open_lanes(self, model, policy: str = "longest") -> None:
+        from .many import POLICIES
+
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self._policy = policy
         with self._start_lock:
             self._start_workers(model)
 
     def lane(self, key: int) -> Executor:
         """An executor for render `key` (1, 2, ...: the order of submission) of several that share these workers
         (`many.render_many`). The first lane opens the pool: a dispatcher thread that runs every lane's calls,
-        earliest render first, each step taking at most a fair share per worker (see `_serve`). Lanes use plain
-        Ray calls and objects (no shared-memory file or socket of their own). `end_lanes` closes the pool."""
+        the earliest render first, the others backfilling (`_assign`). Lanes use plain Ray calls and objects (no
+        shared-memory file or socket of their own). `end_lanes` closes the pool."""
         if key < 1:
             raise ValueError(f"lane keys start at 1 (0 is the lone render's), got {key}")
         if self._pool is None:
@@ -311,7 +321,22 @@ class RayExecutor(Executor):
         jobs = list(self._pool.jobs) if self._pool is not None else []
         return {"workers": len(live), "busy": sum(1 for w in live if w.in_flight), "queued": sum(len(j.queue) for j in jobs)}
 
-    def _start_lane(self, key: int, context: RenderContext) -> None:
+    def _first_lane(self, jobs: list[_Job]) -> int:
+        """The render that has the workers first (`_assign`): a lone render's, else as the policy says, of the
+        running lanes: the one with the most patch evaluations left ("longest"), or the earliest ("earliest")."""
+        lanes = dict(self._lanes)  # lanes start and end in their own threads
+        if any(j.lane == 0 for j in jobs) or not lanes:
+            return min((j.lane for j in jobs), default=0)
+        if self._policy == "earliest":
+            return min(lanes)
+
+        def left(key: int) -> int:
+            ex = lanes[key]
+            return ex.context.patch_evals - ex.stats.patch_evals
+
+        return min(lanes, key=lambda k: (-left(k), k))
+
+    def _start_lane(self, key: int, context: RenderContext, lane: Executor) -> None:
         import ray
 
         with self._start_lock:  # lanes start from their own threads; the first one starts the workers
@@ -320,10 +345,10 @@ class RayExecutor(Executor):
                                  f"render {key} asks for {context.model.name!r} (or other LoRAs, VAE or dtype)")
             self._start_workers(context.model)
             ray.get(self._send_context(key, context))  # on every worker before the pool's thread calls for it
-            self._lanes.add(key)
+            self._lanes[key] = lane
 
     def _end_lane(self, key: int) -> None:
-        self._lanes.discard(key)
+        self._lanes.pop(key, None)
         ref = self._contexts.pop(key, None)
         if ref is not None:
             for w in self.workers:
@@ -569,9 +594,7 @@ class RayExecutor(Executor):
         """The dispatch loop: share queued items out to idle workers, gather replies, re-queue lost work.
 
         Alone (`incoming` None) it runs `jobs` to the end. As the pool's thread it also takes new jobs from
-        `incoming` until it finds None there; jobs then go out earliest render (`lane`) first, each taking at
-        most its fair share per worker (`ceil(items / live workers)`), so that workers that come free take
-        the next render's items while a step waits on its last units.
+        `incoming` until it finds None there, and shares the workers out among several renders' jobs (`_assign`).
         """
         import ray
 
@@ -584,7 +607,7 @@ class RayExecutor(Executor):
             if not jobs and (not pooled or closing):
                 return
             live = [w for w in self.workers if w.alive]
-            first = min([j.lane for j in jobs] + list(self._lanes), default=0)  # the earliest render still running
+            first = self._first_lane(jobs) if pooled else 0
             for job, w, idx in _assign(jobs, live, pooled, first, self._backfill_units()):
                 if job.error is not None:  # failed while this round's calls went out
                     continue
@@ -621,7 +644,7 @@ class RayExecutor(Executor):
                     outs, busy = ref.result() if isinstance(ref, channel.Call) else ray.get(ref)
                 except Exception as e:
                     if not self._requeue(e, w, job, idx):
-                        job.fail(e)
+                        job.fail(_worker_error(e, w, job.what))
                     elif job.error is None:
                         job.queue.extendleft(reversed(idx))
                     job.settle()
@@ -818,16 +841,26 @@ class RayExecutor(Executor):
         return s
 
 
+def _worker_error(e: Exception, w: WorkerState, what: str) -> Exception:
+    """What the worker's own exception was, in one line (a RayTaskError's text holds the whole remote traceback)."""
+    cause = getattr(e, "cause", None)
+    if not isinstance(cause, BaseException):
+        return e
+    err = WorkerError(f"worker {w.index} failed during {what}: {type(cause).__name__}: {' '.join(str(cause).split())[:500]}")
+    err.__cause__ = e
+    return err
+
+
 def _assign(jobs: list[_Job], live: list[WorkerState], pooled: bool, first_lane: int = 0,
             backfill: int = 1) -> list[tuple[_Job, WorkerState, list[int]]]:
     """This round's calls, (job, worker, items).
 
-    A lone render's job takes every idle worker (`_shares`). Pooled (several renders at once), the earliest
-    render still running (`first_lane`) goes first: its step takes at most its fair share per worker,
-    ceil(its items / live workers), on the idle workers, as a lone render's would. Only when none of its
-    items wait do the later renders backfill, a call from each in turn, of `backfill` items (at most a fair
-    share), on every worker with fewer than two calls out: a worker runs them back to back, and is free
-    again for the earliest render's next step within about two such calls.
+    A lone render's job takes every idle worker (`_shares`). Pooled (several renders at once), one render has
+    the workers first (`first_lane`, chosen by the pool's policy): its step takes at most its fair share per
+    worker, ceil(its items / live workers), on the idle workers, as a lone render's would. Only when none of
+    its items wait do the other renders backfill, a call from each in turn, of `backfill` items (at most a
+    fair share), on every worker with fewer than two calls out: a worker runs them back to back, and is free
+    again for the first render's next step within about two such calls.
     """
     idle = [w for w in live if w.in_flight == 0]
     calls = []
@@ -837,8 +870,8 @@ def _assign(jobs: list[_Job], live: list[WorkerState], pooled: bool, first_lane:
                 calls += [(job, w, idx) for w, idx in _shares(job.queue, idle, job.ready, job.weights)]
                 idle = []
         return calls
-    ordered = sorted(jobs, key=lambda j: j.lane)
-    for job in (j for j in ordered if j.lane <= first_lane):
+    first = [j for j in jobs if j.lane == first_lane]
+    for job in first:
         if not (job.queue and idle):
             continue
         cap = -(-job.n // len(live))
@@ -846,19 +879,19 @@ def _assign(jobs: list[_Job], live: list[WorkerState], pooled: bool, first_lane:
         todo = deque(job.queue.popleft() for _ in range(min(len(job.queue), cap * k)))
         calls += [(job, w, idx) for w, idx in _shares(todo, idle[:k], job.ready, job.weights)]
         idle = idle[k:]
-    if any(j.queue for j in ordered if j.lane <= first_lane):
+    if any(j.queue for j in first):
         return calls
     out = {id(w): w.in_flight for w in live}
     for _, w, _ in calls:
         out[id(w)] += 1
     slots = deque(sorted((w for w in live if out[id(w)] < 2), key=lambda w: out[id(w)]))  # idle workers first
-    later = deque(j for j in ordered if j.lane > first_lane and j.queue)
-    while later and slots:  # a call from each later render in turn: they progress together, none starved
-        job = later.popleft()
+    others = deque(sorted((j for j in jobs if j.lane != first_lane and j.queue), key=lambda j: j.lane))
+    while others and slots:  # a call from each other render in turn: they progress together, none starved
+        job = others.popleft()
         take = min(backfill, -(-job.n // len(live)), len(job.queue))
         calls.append((job, slots.popleft(), [job.queue.popleft() for _ in range(take)]))
         if job.queue:
-            later.append(job)
+            others.append(job)
     return calls
 
 
@@ -1009,7 +1042,7 @@ class _RayLane(Executor):
 
     def start(self, context: RenderContext) -> None:
         super().start(context)
-        self.ex._start_lane(self.key, context)
+        self.ex._start_lane(self.key, context, self)
 
     def device_profile(self, gpu_memory: float | None = None):
         return self.ex.device_profile(gpu_memory)

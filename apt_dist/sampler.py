@@ -128,6 +128,7 @@ def render(
                               device=device)
         executor.context.view_batch_size = plan.units.view_batch_size
         executor.context.split_guidance = plan.units.split_guidance
+        executor.context.patch_evals = plan.unet_patch_evals
         if pixels is not None:
             init_latent = encode_image(pixels, executor, config, info)
         sampler = _Sampler(config, plan, info, executor, callback, progress, checkpoint, resume, init_latent)

@@ -6,8 +6,9 @@ the others' work units. This measures it with simulated workers (`SimulatedWorke
 sleeps a fixed time, `--seconds-per-patch` / 2 per guidance half), side by side in one run,
 the order of the two modes alternating each round:
 
-  together          the renders queued at once with `render_many` (the executor's pool: earliest
-                    submitted render first, work-conserving, a fair share per worker)
+  together          the renders queued at once with `render_many` (the executor's pool: the render
+                    with the most work left first, the others backfilling; `--policy longest`)
+  together, --policy earliest   the same, the earliest submitted render first
   one after another the same renders with `render`, one at a time, on the same executor
 
   farm      `--renders` renders of `--size` (seeds differ) on each of `--workers`
@@ -54,6 +55,7 @@ FULL = {"workers": "8,16", "size": 4096, "mixed_sizes": "2048,3072,4096", "mixed
 QUICK = {"workers": "2", "size": 2048, "mixed_sizes": "1024,2048", "mixed_workers": 2, "overhead_workers": 2,
          "renders": 2, "steps": 2, "seconds_per_patch": 0.002, "rounds": 1}
 TOGETHER, SEQUENTIAL, SEQ_RAY = "together", "one after another", "one after another, plain Ray"
+EARLIEST = "together, --policy earliest"
 COLUMNS = ["run", "workers", "renders", "mode", "wall s", "sampling s", "ideal s", "busy s", "UNet s (plan)",
            "util (sampling)", "util (wall)", "1-render bound", "speed-up", "ms/patch (sampling)"]
 
@@ -85,11 +87,11 @@ def window_seconds(ex) -> float:
     return ex.window[1] - ex.window[0] if ex.window else 0.0
 
 
-def together(ex, configs: list[RenderConfig]) -> dict:
+def together(ex, configs: list[RenderConfig], policy: str = "longest") -> dict:
     """The renders queued at once. The pool opens at the first lane, which resets the workers' counters."""
     ex.window = None
     t0 = time.perf_counter()
-    results = sorted(render_many(configs, ex), key=lambda j: j.index)
+    results = sorted(render_many(configs, ex, policy=policy), key=lambda j: j.index)
     wall = time.perf_counter() - t0
     failed = [f"{j.job.name}: {j.error}" for j in results if j.error]
     if failed:
@@ -128,7 +130,8 @@ def plain_ray(ex, configs: list[RenderConfig]) -> dict:
 def alternate(ex, configs: list[RenderConfig], rounds: int, label: str, with_plain_ray: bool = False) -> dict:
     """The modes on one executor, `rounds` times, the order rotated each round (after a short warm-up of each:
     actor start-up and first calls)."""
-    modes = {TOGETHER: together, SEQUENTIAL: one_after_another} | ({SEQ_RAY: plain_ray} if with_plain_ray else {})
+    modes = {TOGETHER: together, EARLIEST: lambda ex, c: together(ex, c, "earliest"), SEQUENTIAL: one_after_another}
+    modes |= {SEQ_RAY: plain_ray} if with_plain_ray else {}
     warm = [dataclasses.replace(configs[0], steps=2)]
     for fn in modes.values():
         fn(ex, warm)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,7 +67,8 @@ def test_three_renders_on_two_ray_workers_equal_their_solo_renders_and_a_model_e
         results = _by_index(render_many(configs[:2] + [broken] + configs[2:], executor=ex))
         assert ex._pool is None  # the pool closed with the batch
         again = render(configs[0], executor=ex, progress=False).latent  # and the executor renders alone again
-    assert "simulated model error" in results[2].error
+    assert re.fullmatch(r"worker [01] failed during timestep \d+: RuntimeError: simulated model error for this render",
+                        results[2].error), results[2].error
     for i, k in ((0, 0), (1, 1), (3, 2)):
         assert results[i].error is None, results[i].error
         assert torch.equal(results[i].result.latent, solo[k]), f"render {i} differs from its solo render"
