@@ -37,7 +37,9 @@ class TimedExecutor(RayExecutor):
         self.marks.append(("predict", time.perf_counter()))
         return super().predict(*a, **kw)
 
-    def _dispatch(self, n, submit, receive, weights, what, **kw):
+    def _dispatch(self, job):
+        submit, receive = job.submit, job.receive
+
         def timed_submit(w, idx):
             ref = submit(w, idx)
             self.marks.append(("submit", time.perf_counter()))
@@ -48,7 +50,8 @@ class TimedExecutor(RayExecutor):
             receive(idx, outs)
             self.marks.append(("used", time.perf_counter()))
 
-        return super()._dispatch(n, timed_submit, timed_receive, weights, what, **kw)
+        job.submit, job.receive = timed_submit, timed_receive
+        return super()._dispatch(job)
 
 
 def main() -> int:

@@ -161,8 +161,10 @@ def test_farm_dry_run_table_columns_and_utilisation_fractions(ray_local, tmp_pat
     assert doc["columns"] == farm.COLUMNS
     col = {c: i for i, c in enumerate(doc["columns"])}
     assert [(r[col["run"]], r[col["mode"]]) for r in doc["rows"]] == [
-        ("overhead", "together"), ("overhead", "alone"), ("farm", "together"), ("farm", "one after another"),
-        ("mixed 1024+2048", "together"), ("mixed 1024+2048", "one after another")]
+        ("overhead", "together"), ("overhead", "alone"),
+        ("farm", "together"), ("farm", "together, --policy earliest"), ("farm", "one after another"),
+        ("mixed 1024+2048", "together"), ("mixed 1024+2048", "together, --policy earliest"),
+        ("mixed 1024+2048", "one after another")]
     for r in doc["rows"]:
         assert r[col["workers"]] == 2 and r[col["wall s"]] >= r[col["sampling s"]] > 0
         if r[col["run"]] == "overhead":
