@@ -132,8 +132,8 @@ def _pixels(path) -> np.ndarray:
 def test_a_killed_driver_resumes_the_batch_bit_identically(tmp_path):
     """Kill the batch after one job is done and another has a checkpoint; the same command finishes it."""
     lines = [dict(prompt="a lighthouse", width=256, height=192, seed=1, out="a.png"),
-             dict(prompt="a tall tower", width=256, height=384, seed=2, out="b.png", steps=10, shortcut_steps=6),
-             dict(prompt="a cat", width=384, height=288, seed=3, out="c.png", steps=10, shortcut_steps=6)]
+             dict(prompt="a tall tower", width=192, height=256, seed=2, out="b.png", steps=10, shortcut_steps=6),
+             dict(prompt="a cat", width=256, height=256, seed=3, out="c.png", steps=10, shortcut_steps=6)]
     jobs, out, ck = tmp_path / "jobs.jsonl", tmp_path / "out", tmp_path / "ck"
     _write_jobs(jobs, lines)
     cmd = [sys.executable, "-m", "apt_dist", "render-many", str(jobs), "--out-dir", str(out), "--checkpoint-dir", str(ck),
