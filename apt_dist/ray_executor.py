@@ -27,6 +27,10 @@ Predictions come back as numpy arrays (zero-copy on the driver).
 All workers are reserved up front in a placement group; if the cluster cannot provide
 them within `placement_timeout_s`, `start` fails before any work, saying what was
 asked and what the cluster has.
+
+Several renders at once (`many.render_many`): each reaches the workers through a lane (`lane`),
+with its own context on every worker, and one dispatcher thread (`_Pool`) runs the same loop
+(`_serve`) over all lanes' jobs, sharing the workers as `_assign` says.
 """
 
 from __future__ import annotations
