@@ -341,7 +341,7 @@ class Executor(ABC):
     def lane(self, key: int) -> Executor:
         """An executor for render `key` (1, 2, ...: the order of submission) of several running at once on this
         executor's devices (`many.render_many`): its own context and statistics, its UNet calls queued with the
-        other lanes', the earliest render's first."""
+        other lanes', in the order the pool's policy gives."""
         raise NotImplementedError(f"{type(self).__name__} cannot run several renders at once")
 
     def end_lanes(self) -> None:
@@ -376,6 +376,7 @@ class InProcessExecutor(Executor):
     def __init__(self, denoiser=None):
         super().__init__()
         self._denoiser = denoiser
+        self._turns, self._load_lock = _Turns(), threading.Lock()  # for lanes: one call at a time, one model load
 
     def start(self, context: RenderContext) -> None:
         super().start(context)
@@ -396,14 +397,14 @@ class InProcessExecutor(Executor):
         return contextlib.nullcontext()
 
     def open_lanes(self, model, policy: str = "longest") -> None:
-        if self._denoiser is None:
-            from .models import Denoiser
+        """Load `model` unless a model is loaded (a lane's start checks that it is the same)."""
+        with self._load_lock:
+            if self._denoiser is None:
+                from .models import Denoiser
 
-            self._denoiser = Denoiser(model)
+                self._denoiser = Denoiser(model)
 
     def lane(self, key: int) -> Executor:
-        if not hasattr(self, "_turns"):
-            self._turns, self._load_lock = _Turns(), threading.Lock()
         return _InProcessLane(self, key)
 
     def _decode(self, tiles, norm_stats):
@@ -455,15 +456,11 @@ class _InProcessLane(InProcessExecutor):
 
     def start(self, context: RenderContext) -> None:
         Executor.start(self, context)
-        from .models import Denoiser
-
-        with self.parent._load_lock:  # the first lane loads the model, the others use it
-            held = self.parent._denoiser
-            if held is None:
-                self.parent._denoiser = held = Denoiser(context.model)
-            elif held.spec != context.model:
-                raise ValueError(f"the renders of one pool share its model: {held.spec.name!r} runs, render {self.key} "
-                                 f"asks for {context.model.name!r} (or other LoRAs, VAE or dtype)")
+        self.parent.open_lanes(context.model)  # a lane started without render_many loads the model here
+        held = self.parent._denoiser
+        if held.spec != context.model:
+            raise ValueError(f"the renders of one pool share its model: {held.spec.name!r} runs, render {self.key} "
+                             f"asks for {context.model.name!r} (or other LoRAs, VAE or dtype)")
         self._denoiser = held
 
     def _turn(self):

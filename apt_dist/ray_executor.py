@@ -237,9 +237,7 @@ class RayExecutor(Executor):
     def start(self, context: RenderContext) -> None:
         super().start(context)
         self._start_workers(context.model)
-        for w in self.workers:
-            w.patches = w.busy_s = 0.0
-            w.calls = w.losses = 0
+        self._reset_worker_counts()
         self._send_context(0, context)  # runs before any later Ray call of this driver...
         # ...and so before the attach calls here return, hence before any call over a channel.
         self._connect_local([w for w in self.workers if w.alive])
@@ -282,6 +280,12 @@ class RayExecutor(Executor):
             self._spec = worker_spec
             self._launch()
 
+    def _reset_worker_counts(self) -> None:
+        """What summary() reports per worker counts from here: a render's start, or a pool's."""
+        for w in self.workers:
+            w.patches = w.busy_s = 0.0
+            w.calls = w.losses = 0
+
     def _send_context(self, key: int, context: RenderContext) -> list:
         """Render `key`'s prompt embeddings and size: one copy in the object store, fetched once by each worker."""
         import ray
@@ -302,16 +306,14 @@ class RayExecutor(Executor):
     def lane(self, key: int) -> Executor:
         """An executor for render `key` (1, 2, ...: the order of submission) of several that share these workers
         (`many.render_many`). The first lane opens the pool: a dispatcher thread that runs every lane's calls,
-        the earliest render first, the others backfilling (`_assign`). Lanes use plain Ray calls and objects (no
+        one render first as the policy says, the others backfilling (`_assign`). Lanes use plain Ray calls and objects (no
         shared-memory file or socket of their own). `end_lanes` closes the pool."""
         if key < 1:
             raise ValueError(f"lane keys start at 1 (0 is the lone render's), got {key}")
         if self._pool is None:
             self._pool = _Pool(self)
             self._render_t0 = time.perf_counter()
-            for w in self.workers:
-                w.patches = w.busy_s = 0.0
-                w.calls = 0
+            self._reset_worker_counts()
         return _RayLane(self, key)
 
     def end_lanes(self) -> None:
@@ -612,7 +614,7 @@ class RayExecutor(Executor):
                 return
             live = [w for w in self.workers if w.alive]
             first = self._first_lane(jobs) if pooled else 0
-            for job, w, idx in _assign(jobs, live, pooled, first, self._backfill_units()):
+            for job, w, idx in _assign(jobs, live, pooled, first, self._backfill_units() if pooled else 1):
                 if job.error is not None:  # failed while this round's calls went out
                     continue
                 try:
